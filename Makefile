@@ -1,0 +1,22 @@
+# The two commands of the README: `make demo` (the main job) and `make test`.
+# Both run `make setup` first; a second setup finds everything in place and installs nothing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test lint env
+
+setup:
+	bash scripts/setup_env.sh
+
+demo: setup
+	$(PY) tools/demo_job.py
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	$(PY) -m flake8 projects tests tools train_net.py demo scripts
+	$(PY) -m isort --check-only --diff projects tests tools train_net.py demo scripts
+
+env: setup
+	$(PY) -m saltnet.collect_env

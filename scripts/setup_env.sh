@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Sets up the project-local virtual environment .venv, installing only what is missing:
+#   1. torch + torchvision: an importable, working pair is kept; else torch==2.14.1 torchvision==0.29.1.
+#   2. detectron2: an importable detectron2 (e.g. your source build) is never touched; else the
+#      pure-Python detectron2 from the sal-detectron2==0.7.2 wheel (see DEVELOPERS.md).
+#   3. requirements.txt (detectron2's runtime requirements with their pins, and ours).
+#   4. this project, editable.
+# A second run finds everything in place, installs nothing and makes no network request.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+TORCH_PAIR="torch==2.14.1 torchvision==0.29.1"
+DETECTRON2_WHEEL="sal-detectron2==0.7.2"
+installed=()
+
+say() { echo "[setup] $*"; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  say "creating virtual environment $VENV with $($PYTHON --version)"
+  "$PYTHON" -m venv "$VENV"
+  installed+=("venv")
+fi
+py="$VENV/bin/python"
+pip() { "$py" -m pip --disable-pip-version-check "$@"; }
+
+if "$py" -c "import torch, torchvision; torchvision.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)" \
+    >/dev/null 2>&1; then
+  say "torch/torchvision: keeping $("$py" -c 'import torch, torchvision as tv; print(torch.__version__, tv.__version__)')"
+else
+  say "torch/torchvision: installing $TORCH_PAIR"
+  pip install $TORCH_PAIR
+  installed+=("torch")
+fi
+
+if "$py" -c "import detectron2" >/dev/null 2>&1; then
+  say "detectron2: keeping $("$py" -c 'import detectron2, os; print(detectron2.__version__, "at", os.path.dirname(detectron2.__file__))')"
+else
+  site=$("$py" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  say "detectron2: installing the pure-Python part of $DETECTRON2_WHEEL into $site"
+  pip install --no-deps --only-binary=:all: --python-version 3.10 --target "$site" "$DETECTRON2_WHEEL"
+  installed+=("detectron2")
+fi
+
+if "$py" scripts/requirements_met.py requirements.txt; then
+  say "requirements.txt: all met"
+else
+  say "requirements.txt: installing what is missing"
+  pip install -r requirements.txt
+  installed+=("requirements")
+fi
+
+if "$py" -c "import saltnet, os, sys; sys.exit(os.path.realpath(saltnet.__file__) != os.path.realpath('projects/SALTNet/saltnet/__init__.py'))" \
+    >/dev/null 2>&1; then
+  say "saltnet: editable install in place"
+else
+  say "saltnet: installing this project (editable)"
+  pip install --no-deps --no-build-isolation -e .
+  installed+=("saltnet")
+fi
+
+if [ ${#installed[@]} -eq 0 ]; then
+  say "nothing to install: environment complete"
+else
+  say "installed: ${installed[*]}"
+fi
