@@ -1,0 +1,275 @@
+"""The SALT-Net head: GFLV2-style towers and quality branch plus the SALT operator.
+
+Units: the coarse side distances, the point sets and the deformable-conv offsets are all in
+*stride units* of their level (one unit = one feature-map cell = ``stride`` input pixels),
+measured from the location's anchor point. Points and offsets are (y, x) pairs, in the 3x3 raster
+order of a deformable-conv kernel (0 top-left, 4 centre, 8 bottom-right).
+"""
+
+import math
+from typing import List, Optional
+
+import torch
+from detectron2.config import configurable
+from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from torch import nn
+from torch.nn import functional as F
+
+from ..layers import DeformConv, ModulatedDeformConv
+
+__all__ = ["SALTHead", "place_points", "KERNEL_GRID"]
+
+# The regular 3x3 sampling grid of a deformable conv, (y, x) pairs in raster order: (1, 18, 1, 1).
+KERNEL_GRID = torch.stack(
+    torch.meshgrid(torch.arange(-1.0, 2.0), torch.arange(-1.0, 2.0), indexing="ij"), dim=-1
+).reshape(1, 18, 1, 1)
+
+
+def place_points(distances: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Place SALT's nine regression points inside/on a coarse box.
+
+    Args:
+        distances: (N, 4, H, W) coarse side distances (left, top, right, bottom) >= 0, stride units.
+        factors: (N, 14, H, W) shape factors in (0, 1).
+
+    Returns:
+        (N, 18, H, W): nine (y, x) points relative to the anchor point, stride units. Points 3 / 5
+        lie on the left / right side at heights given by factors 0 / 2, points 1 / 7 on the top /
+        bottom side at widths given by factors 1 / 3; points 0, 2, 4, 6, 8 lie inside the box with
+        y factors 4, 6, 8, 10, 12 and x factors 5, 7, 9, 11, 13.
+    """
+    left, top, right, bottom = distances.unbind(dim=1)
+    width, height = left + right, top + bottom
+    ys = torch.stack(
+        [
+            -top + height * factors[:, 4],
+            -top,
+            -top + height * factors[:, 6],
+            -top + height * factors[:, 0],
+            -top + height * factors[:, 8],
+            -top + height * factors[:, 2],
+            -top + height * factors[:, 10],
+            bottom,
+            -top + height * factors[:, 12],
+        ],
+        dim=1,
+    )
+    xs = torch.stack(
+        [
+            -left + width * factors[:, 5],
+            -left + width * factors[:, 1],
+            -left + width * factors[:, 7],
+            -left,
+            -left + width * factors[:, 9],
+            right,
+            -left + width * factors[:, 11],
+            -left + width * factors[:, 3],
+            -left + width * factors[:, 13],
+        ],
+        dim=1,
+    )
+    return torch.stack([ys, xs], dim=2).flatten(1, 2)
+
+
+class _ModulatedDeformTowerConv(nn.Module):
+    """A modulated deformable conv3x3 (+ norm, ReLU) driven by its own offset/mask conv3x3.
+
+    The "dcnx" models' last tower conv. Offsets start at zero, so it starts as a plain conv.
+    """
+
+    def __init__(self, channels: int, norm: str):
+        super().__init__()
+        self.offset_conv = nn.Conv2d(channels, 27, kernel_size=3, padding=1)
+        self.conv = ModulatedDeformConv(
+            channels,
+            channels,
+            3,
+            padding=1,
+            bias=not norm,
+            norm=get_norm(norm, channels),
+            activation=F.relu,
+        )
+
+    def forward(self, x):
+        offset_y_x, mask = torch.split(self.offset_conv(x), [18, 9], dim=1)
+        return self.conv(x, offset_y_x, mask.sigmoid())
+
+
+def _conv_norm_relu(in_channels: int, channels: int, norm: str, bias: bool) -> Conv2d:
+    """conv3x3 + norm + ReLU."""
+    return Conv2d(
+        in_channels,
+        channels,
+        kernel_size=3,
+        padding=1,
+        bias=bias,
+        norm=get_norm(norm, channels),
+        activation=F.relu,
+    )
+
+
+def _tower(channels: int, num_convs: int, norm: str, last_dcn: bool) -> nn.Sequential:
+    """num_convs x (conv3x3 + norm + ReLU), the last one deformable (DCNv2) if ``last_dcn``."""
+    layers = [_conv_norm_relu(channels, channels, norm, bias=not norm) for _ in range(num_convs)]
+    if last_dcn:
+        layers[-1] = _ModulatedDeformTowerConv(channels, norm)
+    return nn.Sequential(*layers)
+
+
+class SALTHead(nn.Module):
+    """Dense head of SALT-Net; with ``salt_on=False`` a plain GFLV2-style head.
+
+    ``forward(features)`` takes the list of FPN maps (N, C, Hi, Wi) and returns three per-level
+    lists:
+
+    * ``scores``: (N, K, Hi, Wi) joint class scores in [0, 1] = sigmoid(class logit) x quality;
+    * ``box_logits``: (N, 4 x (reg_max + 1), Hi, Wi) refined box-distribution logits, sides in
+      the order left, top, right, bottom, bins in stride units;
+    * ``coarse``: (N, 4, Hi, Wi) coarse side distances in stride units (float32), or ``None``
+      for the plain head.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        input_shape: List[ShapeSpec],
+        num_classes: int,
+        num_convs: int = 3,
+        norm: str = "GN",
+        tower_last_dcn: bool = False,
+        reg_max: int = 16,
+        dgqp_topk: int = 4,
+        dgqp_add_mean: bool = True,
+        dgqp_channels: int = 64,
+        prior_prob: float = 0.01,
+        salt_on: bool = True,
+        deform_backend: Optional[str] = None,
+    ):
+        super().__init__()
+        channels = {s.channels for s in input_shape}
+        if len(channels) != 1:
+            raise ValueError(f"SALTHead needs the same channels on every level, got {channels}.")
+        channels = channels.pop()
+        self.num_classes = num_classes
+        self.num_levels = len(input_shape)
+        self.reg_max = reg_max
+        self.dgqp_topk = dgqp_topk
+        self.dgqp_add_mean = dgqp_add_mean
+        self.salt_on = salt_on
+
+        self.cls_tower = _tower(channels, num_convs, norm, tower_last_dcn)
+        self.reg_tower = _tower(channels, num_convs, norm, tower_last_dcn)
+        num_bins = 4 * (reg_max + 1)
+        if salt_on:
+            # Coarse box and the shape factors that place the nine regression points.
+            # (These two convs keep their bias before the norm, as in the authors' release.)
+            self.coarse_conv = _conv_norm_relu(channels, channels, norm, bias=True)
+            self.coarse_pred = nn.Conv2d(channels, 4, kernel_size=3, padding=1)
+            self.point_factor_pred = nn.Conv2d(channels, 14, kernel_size=3, padding=1)
+            self.coarse_scales = nn.ParameterList(
+                [nn.Parameter(torch.tensor(1.0)) for _ in range(self.num_levels)]
+            )
+            # Regression: sample the reg tower at the regression points.
+            self.reg_dcn = DeformConv(
+                channels,
+                channels,
+                3,
+                padding=1,
+                norm=get_norm(norm, channels),
+                activation=F.relu,
+                backend=deform_backend,
+            )
+            # Classification: rescale the (detached) regression points, sample the cls features.
+            self.cls_point_conv = _conv_norm_relu(channels, channels, norm, bias=True)
+            self.cls_point_scale_pred = nn.Conv2d(channels, 18, kernel_size=3, padding=1)
+            self.cls_dcn = DeformConv(
+                channels,
+                channels,
+                3,
+                padding=1,
+                norm=get_norm(norm, channels),
+                activation=F.relu,
+                backend=deform_backend,
+            )
+            self.register_buffer("kernel_grid", KERNEL_GRID.clone(), persistent=False)
+        self.cls_score = nn.Conv2d(channels, num_classes, kernel_size=3, padding=1)
+        self.bbox_pred = nn.Conv2d(channels, num_bins, kernel_size=3, padding=1)
+        self.bbox_scales = nn.ParameterList(
+            [nn.Parameter(torch.tensor(1.0)) for _ in range(self.num_levels)]
+        )
+        dgqp_in = 4 * (dgqp_topk + int(dgqp_add_mean))
+        self.quality = nn.Sequential(
+            nn.Conv2d(dgqp_in, dgqp_channels, 1), nn.ReLU(), nn.Conv2d(dgqp_channels, 1, 1)
+        )
+        self._init_weights(prior_prob)
+
+    def _init_weights(self, prior_prob: float):
+        """Convs normal(std 0.01), biases 0, DCNv2 offsets 0, class bias from the prior."""
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, DeformConv, ModulatedDeformConv)):
+                nn.init.normal_(module.weight, std=0.01)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for module in self.modules():
+            if isinstance(module, _ModulatedDeformTowerConv):
+                nn.init.zeros_(module.offset_conv.weight)
+        nn.init.constant_(self.cls_score.bias, -math.log((1 - prior_prob) / prior_prob))
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: List[ShapeSpec]):
+        node = cfg.MODEL.SALTNET
+        return {
+            "input_shape": input_shape,
+            "num_classes": node.NUM_CLASSES,
+            "num_convs": node.NUM_CONVS,
+            "norm": node.NORM,
+            "tower_last_dcn": node.TOWER_LAST_DCN,
+            "reg_max": node.REG_MAX,
+            "dgqp_topk": node.DGQP_TOPK,
+            "dgqp_add_mean": node.DGQP_ADD_MEAN,
+            "dgqp_channels": node.DGQP_CHANNELS,
+            "prior_prob": node.PRIOR_PROB,
+            "salt_on": node.SALT_ON,
+            "deform_backend": node.DEFORM_BACKEND,
+        }
+
+    def forward(self, features: List[torch.Tensor]):
+        if len(features) != self.num_levels:
+            raise ValueError(f"SALTHead built for {self.num_levels} levels, got {len(features)}.")
+        outputs = [self.forward_level(x, level) for level, x in enumerate(features)]
+        scores, box_logits, coarse = (list(o) for o in zip(*[out[:3] for out in outputs]))
+        return scores, box_logits, (coarse if self.salt_on else None)
+
+    def forward_level(self, x: torch.Tensor, level: int):
+        """One level: returns (scores, box_logits, coarse, reg_points, cls_points).
+
+        ``reg_points`` / ``cls_points`` are (N, 18, H, W) (y, x) point sets in stride units
+        relative to the anchor point (``None`` for the plain head).
+        """
+        cls_feat = self.cls_tower(x)
+        reg_feat = self.reg_tower(x)
+        coarse = reg_points = cls_points = None
+        if self.salt_on:
+            cls_feat = cls_feat + x
+            hidden = self.coarse_conv(reg_feat)
+            coarse = F.relu(self.coarse_pred(hidden)).float() * self.coarse_scales[level].float()
+            factors = self.point_factor_pred(hidden).float().sigmoid()
+            reg_points = place_points(coarse, factors)
+            reg_feat = self.reg_dcn(reg_feat, reg_points - self.kernel_grid)
+            point_scale = self.cls_point_scale_pred(self.cls_point_conv(cls_feat)).float().exp()
+            cls_points = point_scale * reg_points.detach()
+            cls_feat = self.cls_dcn(cls_feat, cls_points - self.kernel_grid)
+        box_logits = self.bbox_pred(reg_feat).float() * self.bbox_scales[level].float()
+        quality = self.quality(self._distribution_statistics(box_logits).to(x.dtype)).sigmoid()
+        scores = self.cls_score(cls_feat).float().sigmoid() * quality.float()
+        return scores, box_logits, coarse, reg_points, cls_points
+
+    def _distribution_statistics(self, box_logits: torch.Tensor) -> torch.Tensor:
+        """(N, 4 x (reg_max + 1), H, W) logits -> (N, 4 x (topk [+ 1]), H, W) DGQP input."""
+        n, _, h, w = box_logits.shape
+        prob = F.softmax(box_logits.float().view(n, 4, self.reg_max + 1, h, w), dim=2)
+        top = prob.topk(self.dgqp_topk, dim=2).values
+        if self.dgqp_add_mean:
+            top = torch.cat([top, top.mean(dim=2, keepdim=True)], dim=2)
+        return top.reshape(n, -1, h, w)

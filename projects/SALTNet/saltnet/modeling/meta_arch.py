@@ -1,0 +1,306 @@
+"""SALT-Net as a detectron2 meta-architecture (a :class:`DenseDetector` subclass)."""
+
+import logging
+from typing import Dict, List, Tuple
+
+import torch
+from detectron2.config import configurable
+from detectron2.layers import batched_nms, cat
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector, permute_to_N_HWA_K
+from detectron2.structures import Boxes, Instances
+from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
+from torch import Tensor
+from torch import distributed as dist
+
+from .atss import atss_assign
+from .box_coding import (
+    aligned_iou,
+    boxes_to_distances,
+    distances_to_boxes,
+    distribution_to_distances,
+)
+from .head import SALTHead
+from .losses import distribution_focal_loss, giou_loss, quality_focal_loss
+
+__all__ = ["SALTNet", "SDR_MODES"]
+
+logger = logging.getLogger(__name__)
+
+SDR_MODES = ("none", "gt", "distill", "both")
+
+
+def reduce_mean(tensor: Tensor) -> Tensor:
+    """Average a tensor over all workers (no-op in a single process); no host sync."""
+    if comm.get_world_size() > 1:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        tensor = tensor / comm.get_world_size()
+    return tensor
+
+
+@META_ARCH_REGISTRY.register()
+class SALTNet(DenseDetector):
+    """SALT-Net (Yang et al., ECML PKDD 2022): a GFLV2-style detector with the SALT head.
+
+    One anchor point per location (anchor centres at ``(j, i) x stride``), ATSS assignment with a
+    square anchor of side ``anchor_scale x stride`` per point, Quality Focal Loss on the joint
+    score, GIoU + Distribution Focal Loss on the refined box, GIoU and self-distillation (SDR) on
+    the coarse box.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone,
+        head: SALTHead,
+        head_in_features: List[str],
+        num_classes: int,
+        reg_max: int = 16,
+        atss_topk: int = 9,
+        anchor_scale: float = 8.0,
+        qfl_beta: float = 2.0,
+        loss_qfl_weight: float = 1.0,
+        loss_giou_weight: float = 2.0,
+        loss_dfl_weight: float = 0.25,
+        loss_coarse_weight: float = 1.0,
+        sdr_mode: str = "both",
+        sdr_weight: float = 1.0,
+        test_topk_candidates: int = 1000,
+        test_score_thresh: float = 0.05,
+        test_nms_thresh: float = 0.6,
+        max_detections_per_image: int = 100,
+        pixel_mean,
+        pixel_std,
+        input_format: str = "BGR",
+    ):
+        super().__init__(
+            backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std
+        )
+        if sdr_mode not in SDR_MODES:
+            raise ValueError(f"Unknown SDR mode {sdr_mode!r}; choose one of {SDR_MODES}.")
+        shapes = backbone.output_shape()
+        missing = [f for f in self.head_in_features if f not in shapes]
+        if missing:
+            raise ValueError(
+                f"Backbone has no feature(s) {missing}; it yields {sorted(shapes)}. "
+                "Set MODEL.SALTNET.IN_FEATURES accordingly."
+            )
+        self.strides = [shapes[f].stride for f in self.head_in_features]
+        self.num_classes = num_classes
+        self.reg_max = reg_max
+        self.atss_topk = atss_topk
+        # Square anchors of side anchor_scale x stride centred on the anchor points; only ATSS
+        # uses their extent, everything else uses their centres.
+        self.anchor_generator = DefaultAnchorGenerator(
+            sizes=[[anchor_scale * s] for s in self.strides],
+            aspect_ratios=[1.0],
+            strides=self.strides,
+            offset=0.0,
+        )
+        self.qfl_beta = qfl_beta
+        self.loss_qfl_weight = loss_qfl_weight
+        self.loss_giou_weight = loss_giou_weight
+        self.loss_dfl_weight = loss_dfl_weight
+        self.loss_coarse_weight = loss_coarse_weight
+        self.sdr_mode = sdr_mode
+        self.sdr_weight = sdr_weight
+        self.test_topk_candidates = test_topk_candidates
+        self.test_score_thresh = test_score_thresh
+        self.test_nms_thresh = test_nms_thresh
+        self.max_detections_per_image = max_detections_per_image
+        self.input_format = input_format
+        if getattr(head, "salt_on", False):
+            logger.info("SALT head: deformable convs run on the %r backend.", head.reg_dcn.backend)
+
+    @classmethod
+    def from_config(cls, cfg):
+        backbone = build_backbone(cfg)
+        node = cfg.MODEL.SALTNET
+        shapes = backbone.output_shape()
+        missing = [f for f in node.IN_FEATURES if f not in shapes]
+        if missing:
+            raise ValueError(
+                f"MODEL.SALTNET.IN_FEATURES names {missing}, which the backbone "
+                f"{cfg.MODEL.BACKBONE.NAME} does not yield; it yields {sorted(shapes)}."
+            )
+        head = SALTHead(cfg, [shapes[f] for f in node.IN_FEATURES])
+        return {
+            "backbone": backbone,
+            "head": head,
+            "head_in_features": node.IN_FEATURES,
+            "num_classes": node.NUM_CLASSES,
+            "reg_max": node.REG_MAX,
+            "atss_topk": node.ATSS_TOPK,
+            "anchor_scale": node.ANCHOR_SCALE,
+            "qfl_beta": node.QFL_BETA,
+            "loss_qfl_weight": node.LOSS_QFL_WEIGHT,
+            "loss_giou_weight": node.LOSS_GIOU_WEIGHT,
+            "loss_dfl_weight": node.LOSS_DFL_WEIGHT,
+            "loss_coarse_weight": node.LOSS_COARSE_WEIGHT,
+            "sdr_mode": node.SDR_MODE,
+            "sdr_weight": node.SDR_WEIGHT,
+            "test_topk_candidates": node.TOPK_CANDIDATES_TEST,
+            "test_score_thresh": node.SCORE_THRESH_TEST,
+            "test_nms_thresh": node.NMS_THRESH_TEST,
+            "max_detections_per_image": node.DETECTIONS_PER_IMAGE,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "input_format": cfg.INPUT.FORMAT,
+        }
+
+    # ----------------------------------------------------------------------------------------
+    # Training
+    # ----------------------------------------------------------------------------------------
+    def _flatten_predictions(self, predictions):
+        """Per-level head outputs -> (N, R, K) scores, (N, R, 4(reg_max+1)) logits, (N, R, 4)."""
+        scores, box_logits, coarse = predictions
+        scores = cat([permute_to_N_HWA_K(x, self.num_classes) for x in scores], dim=1)
+        box_logits = cat([permute_to_N_HWA_K(x, 4 * (self.reg_max + 1)) for x in box_logits], 1)
+        if coarse is not None:
+            coarse = cat([permute_to_N_HWA_K(x, 4) for x in coarse], dim=1)
+        return scores, box_logits, coarse
+
+    def _anchor_points(self, anchors: List[Boxes]) -> Tuple[Tensor, Tensor]:
+        """Anchor points (R, 2) xy in pixels and the stride (R,) of each, all levels."""
+        points = cat([a.get_centers() for a in anchors], dim=0)
+        strides = cat(
+            [torch.full((len(a),), s, device=points.device) for a, s in zip(anchors, self.strides)]
+        )
+        return points, strides
+
+    @torch.no_grad()
+    def label_anchors(self, anchors: List[Boxes], gt_instances: List[Instances]):
+        """ATSS labels: (N, R) class per anchor (num_classes = background), (N, R, 4) gt boxes."""
+        anchor_tensors = [a.tensor for a in anchors]
+        gt_classes, gt_boxes = [], []
+        for inst in gt_instances:
+            boxes = inst.gt_boxes.tensor.float()
+            matched = atss_assign(anchor_tensors, boxes, self.atss_topk)
+            found = matched >= 0
+            idx = matched.clamp(min=0)
+            if len(inst) > 0:
+                classes = torch.where(found, inst.gt_classes[idx], self.num_classes)
+                matched_boxes = boxes[idx] * found[:, None]
+            else:
+                classes = torch.full_like(matched, self.num_classes)
+                matched_boxes = boxes.new_zeros(len(matched), 4)
+            gt_classes.append(classes)
+            gt_boxes.append(matched_boxes)
+        return torch.stack(gt_classes), torch.stack(gt_boxes)
+
+    def forward_training(self, images, features, predictions, gt_instances):
+        scores, box_logits, coarse = self._flatten_predictions(predictions)
+        anchors = self.anchor_generator(features)
+        gt_classes, gt_boxes = self.label_anchors(anchors, gt_instances)
+        points, strides = self._anchor_points(anchors)
+        return self.losses(points, strides, scores, box_logits, coarse, gt_classes, gt_boxes)
+
+    def losses(
+        self,
+        points: Tensor,
+        strides: Tensor,
+        scores: Tensor,
+        box_logits: Tensor,
+        coarse: Tensor,
+        gt_classes: Tensor,
+        gt_boxes: Tensor,
+    ) -> Dict[str, Tensor]:
+        """All SALT-Net losses, in float32, over all anchors at once (masks, no indexing).
+
+        Args:
+            points: (R, 2) anchor points, pixels; strides: (R,) their strides, pixels.
+            scores: (N, R, K) joint scores; box_logits: (N, R, 4 x (reg_max + 1));
+            coarse: (N, R, 4) coarse distances in stride units, or None (plain head).
+            gt_classes: (N, R) labels, K = background; gt_boxes: (N, R, 4) XYXY pixels.
+        """
+        scores, box_logits, gt_boxes = scores.float(), box_logits.float(), gt_boxes.float()
+        pos = (gt_classes >= 0) & (gt_classes < self.num_classes)
+        num_pos = pos.sum()
+        get_event_storage().put_scalar("num_pos_anchors", num_pos.item() / len(gt_classes))
+        num_pos_avg = reduce_mean(num_pos.float()).clamp(min=1.0)
+
+        scale = strides[None, :, None]
+        refined = distribution_to_distances(box_logits, self.reg_max)  # (N, R, 4) stride units
+        refined_boxes = distances_to_boxes(points, refined * scale)
+        iou = aligned_iou(refined_boxes.detach(), gt_boxes) * pos
+
+        loss_qfl = quality_focal_loss(
+            scores.flatten(0, 1), gt_classes.flatten(), iou.flatten(), beta=self.qfl_beta
+        ).sum()
+
+        # Box losses: each positive weighted by its detached joint score, normalised by the sum.
+        weight = scores.detach().max(dim=2).values * pos
+        weight_sum = reduce_mean(weight.sum()).clamp(min=1e-6)
+        loss_giou = (giou_loss(refined_boxes, gt_boxes) * weight).sum()
+        targets = boxes_to_distances(points, gt_boxes) / scale
+        targets = targets.clamp(min=0, max=self.reg_max - 0.01)
+        loss_dfl = distribution_focal_loss(
+            box_logits.reshape(-1, self.reg_max + 1), targets.flatten()
+        ).view_as(targets)
+        loss_dfl = (loss_dfl.mean(dim=2) * weight).sum()
+        losses = {
+            "loss_qfl": self.loss_qfl_weight * loss_qfl / num_pos_avg,
+            "loss_giou": self.loss_giou_weight * loss_giou / weight_sum,
+            "loss_dfl": self.loss_dfl_weight * loss_dfl / weight_sum,
+        }
+        if coarse is not None:
+            coarse_boxes = distances_to_boxes(points, coarse.float() * scale)
+            if self.sdr_mode in ("gt", "both"):
+                loss = (giou_loss(coarse_boxes, gt_boxes) * weight).sum()
+                losses["loss_coarse"] = self.loss_coarse_weight * loss / weight_sum
+            if self.sdr_mode in ("distill", "both"):
+                # Self-distillation: the coarse box follows the refined one (gradient stopped on
+                # the refined side), each positive weighted by how good the refined box is.
+                loss = (giou_loss(coarse_boxes, refined_boxes.detach()) * weight * iou).sum()
+                losses["loss_sdr"] = self.sdr_weight * loss / weight_sum
+        return losses
+
+    # ----------------------------------------------------------------------------------------
+    # Inference
+    # ----------------------------------------------------------------------------------------
+    def forward_inference(self, images, features, predictions):
+        scores, box_logits, _ = predictions
+        anchors = self.anchor_generator(features)
+        results = []
+        for img_idx, image_size in enumerate(images.image_sizes):
+            per_level = [
+                self._decode_level(
+                    a.get_centers(),
+                    stride,
+                    permute_to_N_HWA_K(s[img_idx : img_idx + 1], self.num_classes)[0],
+                    permute_to_N_HWA_K(b[img_idx : img_idx + 1], 4 * (self.reg_max + 1))[0],
+                    image_size,
+                )
+                for a, stride, s, b in zip(anchors, self.strides, scores, box_logits)
+            ]
+            pred = Instances.cat(per_level)
+            keep = batched_nms(
+                pred.pred_boxes.tensor, pred.scores, pred.pred_classes, self.test_nms_thresh
+            )
+            results.append(pred[keep[: self.max_detections_per_image]])
+        return results
+
+    def _decode_level(self, points, stride, scores, box_logits, image_size) -> Instances:
+        """One level of one image: top-k locations by max joint score, then score threshold.
+
+        points (R, 2) pixels; scores (R, K); box_logits (R, 4 x (reg_max + 1)).
+        """
+        scores = scores.float()
+        num_topk = min(self.test_topk_candidates, scores.shape[0])
+        top_locations = scores.max(dim=1).values.topk(num_topk).indices
+        scores = scores[top_locations]
+        location_idx, class_idx = (scores > self.test_score_thresh).nonzero(as_tuple=True)
+        top_locations = top_locations[location_idx]
+        distances = distribution_to_distances(box_logits[top_locations].float(), self.reg_max)
+        boxes = Boxes(distances_to_boxes(points[top_locations], distances * stride))
+        boxes.clip(image_size)
+        return Instances(
+            image_size,
+            pred_boxes=boxes,
+            scores=scores[location_idx, class_idx],
+            pred_classes=class_idx,
+        )
