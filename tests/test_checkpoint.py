@@ -1,0 +1,68 @@
+"""AtomicCheckpointer: an interrupted save never destroys the last good checkpoint."""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from saltnet.checkpoint import AtomicCheckpointer
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _checkpointer(tmp_path, value):
+    model = nn.Linear(3, 2)
+    nn.init.constant_(model.weight, value)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return model, AtomicCheckpointer(model, str(tmp_path), optimizer=optimizer)
+
+
+def test_save_then_resume_roundtrip(tmp_path):
+    _, checkpointer = _checkpointer(tmp_path, 1.0)
+    checkpointer.save("model_0000009", iteration=9)
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000009.pth"
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000009.pth"]
+    model, fresh = _checkpointer(tmp_path, 0.0)
+    extra = fresh.resume_or_load("", resume=True)
+    assert extra["iteration"] == 9
+    assert torch.equal(model.weight, torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("crash_point", ["torch.save", "tag_last_checkpoint"])
+def test_crash_during_save_keeps_last_good_checkpoint(tmp_path, monkeypatch, crash_point):
+    _, checkpointer = _checkpointer(tmp_path, 1.0)
+    checkpointer.save("model_0000009", iteration=9)
+    good = (tmp_path / "model_0000009.pth").read_bytes()
+
+    _, later = _checkpointer(tmp_path, 2.0)
+    if crash_point == "torch.save":
+        real_save = torch.save
+
+        def save_half_then_die(obj, f, *args, **kwargs):
+            real_save(obj, f, *args, **kwargs)
+            f.truncate(f.tell() // 2)  # a partial file on disk, then the process "dies"
+            raise _Interrupted()
+
+        monkeypatch.setattr(torch, "save", save_half_then_die)
+        with pytest.raises(_Interrupted):
+            later.save("model_0000019", iteration=19)
+        assert not (tmp_path / "model_0000019.pth").exists()
+    else:
+
+        def die(*args, **kwargs):
+            raise _Interrupted()
+
+        monkeypatch.setattr(os, "replace", die)
+        with pytest.raises(_Interrupted):
+            later.save("model_0000019", iteration=19)
+    monkeypatch.undo()
+
+    # The last good checkpoint is intact and still the one resume picks.
+    assert (tmp_path / "model_0000009.pth").read_bytes() == good
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000009.pth"
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    model, fresh = _checkpointer(tmp_path, 0.0)
+    assert fresh.resume_or_load("", resume=True)["iteration"] == 9
+    assert torch.equal(model.weight, torch.ones(2, 3))
