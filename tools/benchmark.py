@@ -1,0 +1,196 @@
+#!/usr/bin/env python
+"""Speed of SALT-Net against detectron2's own FCOS and RetinaNet, measured in one process.
+
+    python tools/benchmark.py                      # GPU: 800 x 1333, batch 1 and 8, fp32 and AMP
+    python tools/benchmark.py --smoke              # CPU smoke run: tiny images, few iterations
+
+For each model: inference images/s at each batch size (postprocessing included), training
+iterations/s (SGD step included), each in fp32 and under autocast (AMP), peak GPU memory, and
+the ratios SALT-Net / FCOS and SALT-Net / RetinaNet from the same run. Weights are random:
+speed does not depend on them. A measurement that fails (e.g. a model that breaks under AMP) is
+reported as the error instead of a number.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from detectron2 import model_zoo
+from detectron2.config import instantiate
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from saltnet.engine import load_yaml_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_saltnet(num_classes):
+    cfg = load_yaml_config(
+        str(REPO / "configs" / "salt_R_50_FPN_1x.yaml"),
+        ["MODEL.SALTNET.NUM_CLASSES", num_classes, "MODEL.DEVICE", _device()],
+    )
+    return build_model(cfg)
+
+
+def build_retinanet(num_classes):
+    cfg = model_zoo.get_config("COCO-Detection/retinanet_R_50_FPN_1x.yaml")
+    cfg.MODEL.RETINANET.NUM_CLASSES = num_classes
+    cfg.MODEL.DEVICE = _device()
+    return build_model(cfg)
+
+
+def build_fcos(num_classes):
+    cfg = model_zoo.get_config("COCO-Detection/fcos_R_50_FPN_1x.py")
+    cfg.model.num_classes = num_classes
+    return instantiate(cfg.model).to(_device())
+
+
+MODELS = {
+    "SALT-Net R50-FPN": build_saltnet,
+    "FCOS R50-FPN": build_fcos,
+    "RetinaNet R50-FPN": build_retinanet,
+}
+
+
+def make_batch(batch_size, height, width, num_boxes, seed=0):
+    """Random images (uint8 range) with random ground-truth boxes, as a dataloader gives them."""
+    gen = torch.Generator().manual_seed(seed)
+    items = []
+    for _ in range(batch_size):
+        xy = torch.rand(num_boxes, 2, generator=gen) * torch.tensor([width, height]) * 0.7
+        wh = (0.05 + 0.25 * torch.rand(num_boxes, 2, generator=gen)) * torch.tensor([width, height])
+        inst = Instances(
+            (height, width),
+            gt_boxes=Boxes(torch.cat([xy, xy + wh], dim=1)),
+            gt_classes=torch.randint(0, 80, (num_boxes,), generator=gen),
+        )
+        image = torch.randint(0, 256, (3, height, width), generator=gen, dtype=torch.uint8)
+        items.append({"image": image.float(), "instances": inst})
+    return items
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn, device, warmup, iters):
+    """Seconds per call of ``fn`` after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / iters
+
+
+def autocast(device, enabled, dtype):
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
+
+
+def measure(model, args, amp_dtype):
+    device = next(model.parameters()).device
+    results = {}
+    model.eval()
+    for batch_size in args.infer_batch:
+        inputs = make_batch(batch_size, args.height, args.width, args.boxes)
+        for amp in (False, True):
+            key = f"infer_b{batch_size}_{'amp' if amp else 'fp32'}_img_s"
+
+            def infer():
+                with torch.no_grad(), autocast(device, amp, amp_dtype):
+                    model(inputs)
+
+            results[key] = _try(
+                lambda: batch_size / time_calls(infer, device, args.warmup, args.iters)
+            )
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    inputs = make_batch(args.train_batch, args.height, args.width, args.boxes)
+    for amp in (False, True):
+        key = f"train_b{args.train_batch}_{'amp' if amp else 'fp32'}_it_s"
+
+        def step():
+            with autocast(device, amp, amp_dtype):
+                losses = model(inputs)
+            optimizer.zero_grad()
+            sum(losses.values()).backward()
+            optimizer.step()
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with EventStorage():
+            results[key] = _try(lambda: 1.0 / time_calls(step, device, args.warmup, args.iters))
+        if device.type == "cuda":
+            results[key.replace("_it_s", "_peak_mem_gb")] = torch.cuda.max_memory_allocated() / 1e9
+    return results
+
+
+def _try(fn):
+    try:
+        return fn()
+    except Exception as e:  # report, don't abort the other measurements
+        return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+
+
+def format_table(all_results):
+    names = list(all_results)
+    keys = [k for k in all_results[names[0]]]
+    lines = ["| metric | " + " | ".join(names) + " | SALT/FCOS | SALT/RetinaNet |"]
+    lines.append("|" + " --- |" * (len(names) + 3))
+    for key in keys:
+        values = [all_results[n].get(key) for n in names]
+        cells = [f"{v:.2f}" if isinstance(v, float) else str(v) for v in values]
+        ratios = []
+        for ref in ("FCOS R50-FPN", "RetinaNet R50-FPN"):
+            salt, other = all_results["SALT-Net R50-FPN"].get(key), all_results[ref].get(key)
+            ok = isinstance(salt, float) and isinstance(other, float) and other > 0
+            ratios.append(f"{salt / other:.2f}" if ok else "-")
+        lines.append(f"| {key} | " + " | ".join(cells + ratios) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU run (CI): 128 x 160 px")
+    parser.add_argument("--height", type=int, default=800)
+    parser.add_argument("--width", type=int, default=1333)
+    parser.add_argument("--infer-batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--train-batch", type=int, default=8)
+    parser.add_argument("--boxes", type=int, default=10, help="ground-truth boxes per image")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--amp-dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    parser.add_argument("--output", help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.height, args.width, args.infer_batch, args.train_batch = 128, 160, [1, 2], 2
+        args.warmup, args.iters = 1, 1
+
+    name = torch.cuda.get_device_name() if _device() == "cuda" else "CPU"
+    print(f"device: {name}, torch {torch.__version__}, input {args.height} x {args.width}")
+    amp_dtype = getattr(torch, args.amp_dtype)
+    all_results = {}
+    for model_name, build in MODELS.items():
+        torch.manual_seed(0)
+        model = build(num_classes=80)
+        all_results[model_name] = measure(model, args, amp_dtype)
+        print(f"{model_name}: {json.dumps(all_results[model_name])}", flush=True)
+        del model
+    print(format_table(all_results))
+    if args.output:
+        Path(args.output).write_text(json.dumps(all_results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
