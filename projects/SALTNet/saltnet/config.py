@@ -5,9 +5,12 @@ Defaults follow ``shared/design/SALTNET-METHOD.md`` (the paper and the authors' 
 
 from detectron2.config import CfgNode as CN
 
+from .modeling.res2net import add_res2net_config
+
 
 def add_saltnet_config(cfg):
     """Add the SALT-Net keys to a detectron2 config (in place). Safe to call twice."""
+    add_res2net_config(cfg)
     if "SALTNET" in cfg.MODEL:
         return cfg
     cfg.MODEL.SALTNET = CN()
@@ -28,7 +31,8 @@ def add_saltnet_config(cfg):
     node.PRIOR_PROB = 0.01
     # SALT operator on/off. Off gives a plain GFLV2-style head (same towers, losses, quality).
     node.SALT_ON = True
-    # Deformable-conv backend of the SALT convs: "torchvision" or "detectron2" (compiled ops).
+    # Backend of every deformable conv (SALT, "dcnx" towers, DCN backbone stages):
+    # "torchvision" or "detectron2" (needs detectron2's compiled ops).
     node.DEFORM_BACKEND = "torchvision"
     # ATSS: top-k closest anchors per level; square anchors of side ANCHOR_SCALE x stride.
     node.ATSS_TOPK = 9

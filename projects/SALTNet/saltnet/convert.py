@@ -1,26 +1,27 @@
 """Convert checkpoints of the authors' mmdetection release of SALT-Net to this project.
 
-:func:`convert_mmdet_saltnet_state_dict` renames every key of the original detector (ResNet /
-ResNeXt backbone, FPN neck, SALT head) to the names of :class:`saltnet.SALTNet` with the
-``build_saltnet_resnet_fpn_backbone`` backbone, and raises on any key it cannot place.
+:func:`convert_mmdet_saltnet_state_dict` renames every key of the original detector to the names
+of :class:`saltnet.SALTNet` and raises on any key it cannot place: the backbone (ResNet / ResNeXt,
+with mmcv DCN offsets, for ``build_saltnet_resnet_fpn_backbone``; or Res2Net, recognised by its
+deep stem, for ``build_saltnet_res2net_fpn_backbone``), the FPN neck (with or without GN) and the
+SALT head (with or without the "dcnx" modulated deformable last tower convs).
 """
 
 import re
 from collections import OrderedDict
-from typing import Dict, List, Tuple
+from typing import Dict, List, Set, Tuple
 
 import torch
 
+from .convert_backbone import (
+    MMDET_RES2NET_RULES,
+    PREFIX,
+    RESNET_RULES,
+    UnmappedKeysError,
+    rename_backbone_key,
+)
+
 __all__ = ["convert_mmdet_saltnet_state_dict", "UnmappedKeysError"]
-
-
-class UnmappedKeysError(KeyError):
-    """Raised with the list of keys a converter could not place."""
-
-    def __init__(self, keys: List[str]):
-        self.keys = keys
-        preview = ", ".join(keys[:10]) + (" ..." if len(keys) > 10 else "")
-        super().__init__(f"{len(keys)} key(s) could not be converted: {preview}")
 
 
 # (pattern, replacement) pairs tried in order; the first match wins.
@@ -45,15 +46,16 @@ _HEAD_RULES: List[Tuple[str, str]] = [
     (r"bbox_head\.reg_conf\.(0|2)\.(weight|bias)", r"head.quality.\1.\2"),
 ]
 
-_BN = r"(weight|bias|running_mean|running_var)"
-_BACKBONE_RULES: List[Tuple[str, str]] = [
-    (r"backbone\.conv1\.weight", r"backbone.bottom_up.stem.conv1.weight"),
-    (rf"backbone\.bn1\.{_BN}", r"backbone.bottom_up.stem.conv1.norm.\1"),
-    (r"backbone\.layer(\d)\.(\d+)\.conv(\d)\.weight", "BLOCK.conv\\3.weight"),
-    (r"backbone\.layer(\d)\.(\d+)\.conv2\.conv_offset\.(weight|bias)", "BLOCK.conv2_offset.\\3"),
-    (rf"backbone\.layer(\d)\.(\d+)\.bn(\d)\.{_BN}", "BLOCK.conv\\3.norm.\\4"),
-    (r"backbone\.layer(\d)\.(\d+)\.downsample\.0\.weight", "BLOCK.shortcut.weight"),
-    (rf"backbone\.layer(\d)\.(\d+)\.downsample\.1\.{_BN}", "BLOCK.shortcut.norm.\\3"),
+# The "dcnx" last tower convs: mmcv ConvModule around a ModulatedDeformConv2dPack (its offset
+# and mask conv is ``conv.conv_offset``; with a norm the conv has no bias).
+_DCN_TOWER = r"bbox_head\.(?:cls|reg)_convs\.\d+"
+_DCN_TOWER_RULES: List[Tuple[str, str]] = [
+    (
+        r"bbox_head\.(cls|reg)_convs\.(\d+)\.conv\.conv_offset\.(weight|bias)",
+        r"head.\1_tower.\2.offset_conv.\3",
+    ),
+    (r"bbox_head\.(cls|reg)_convs\.(\d+)\.conv\.(weight|bias)", r"head.\1_tower.\2.conv.\3"),
+    (r"bbox_head\.(cls|reg)_convs\.(\d+)\.gn\.(weight|bias)", r"head.\1_tower.\2.conv.norm.\3"),
 ]
 
 _NECK_RULES: List[Tuple[str, str]] = [
@@ -62,15 +64,21 @@ _NECK_RULES: List[Tuple[str, str]] = [
     (r"neck\.fpn_convs\.([0-2])\.conv\.(weight|bias)", "OUTPUT.\\2"),
     (r"neck\.fpn_convs\.([0-2])\.gn\.(weight|bias)", "OUTPUT.norm.\\2"),
     (r"neck\.fpn_convs\.3\.conv\.(weight|bias)", r"backbone.top_block.p6.\1"),
+    (r"neck\.fpn_convs\.3\.gn\.(weight|bias)", r"backbone.top_block.p6.norm.\1"),
     (r"neck\.fpn_convs\.4\.conv\.(weight|bias)", r"backbone.top_block.p7.\1"),
+    (r"neck\.fpn_convs\.4\.gn\.(weight|bias)", r"backbone.top_block.p7.norm.\1"),
 ]
 
 # Keys that carry no learned state in our model: checked, then dropped.
 _DROPPED = (r"bbox_head\.integral\.project", r".*\.num_batches_tracked")
 
 
-def _rename(key: str) -> str:
-    for pattern, repl in _HEAD_RULES + _NECK_RULES:
+def _rename(key: str, backbone_rules: List[Tuple[str, str]], dcn_towers: Set[str]) -> str:
+    """Our name for ``key``, or "" if no rule places it. ``dcn_towers``: the deformable tower
+    convs ("bbox_head.cls_convs.2", ...)."""
+    tower = re.match(_DCN_TOWER, key)
+    rules = _DCN_TOWER_RULES if tower and tower.group(0) in dcn_towers else _HEAD_RULES
+    for pattern, repl in rules + _NECK_RULES:
         match = re.fullmatch(pattern, key)
         if match:
             new = match.expand(repl)
@@ -79,14 +87,10 @@ def _rename(key: str) -> str:
                 prefix = "fpn_lateral" if new.startswith("LATERAL") else "fpn_output"
                 new = f"backbone.{prefix}{level}.{new.split('.', 1)[1]}"
             return new
-    for pattern, repl in _BACKBONE_RULES:
-        match = re.fullmatch(pattern, key)
-        if match:
-            new = match.expand(repl)
-            if new.startswith("BLOCK"):
-                stage, block = int(match.group(1)), match.group(2)
-                new = f"backbone.bottom_up.res{stage + 1}.{block}" + new[len("BLOCK") :]
-            return new
+    if key.startswith("backbone."):
+        new = rename_backbone_key(key[len("backbone.") :], backbone_rules)
+        if new is not None:
+            return PREFIX + new
     return ""
 
 
@@ -108,11 +112,14 @@ def convert_mmdet_saltnet_state_dict(
         UnmappedKeysError: naming every key that no rule places.
         ValueError: if two keys map to the same name or ``integral.project`` is unexpected.
     """
+    keys = [re.sub(r"^module\.", "", k) for k in state_dict]  # saved from a DataParallel wrapper
+    res2net = any(k.startswith("backbone.stem.") for k in keys)  # Res2Net's deep stem
+    backbone_rules = MMDET_RES2NET_RULES if res2net else RESNET_RULES
+    offset_key = re.compile(rf"({_DCN_TOWER})\.conv\.conv_offset\.weight")
+    dcn_towers = {m.group(1) for m in map(offset_key.fullmatch, keys) if m}
     converted: "OrderedDict[str, torch.Tensor]" = OrderedDict()
     unmapped = []
-    for key, value in state_dict.items():
-        if key.startswith("module."):  # saved from a DataParallel wrapper
-            key = key[len("module.") :]
+    for key, value in zip(keys, state_dict.values()):
         if any(re.fullmatch(p, key) for p in _DROPPED):
             if key == "bbox_head.integral.project" and not torch.equal(
                 value.float(), torch.arange(reg_max + 1, dtype=torch.float32)
@@ -122,7 +129,7 @@ def convert_mmdet_saltnet_state_dict(
                     "the checkpoint was trained with another reg_max (MODEL.SALTNET.REG_MAX)."
                 )
             continue
-        new = _rename(key)
+        new = _rename(key, backbone_rules, dcn_towers)
         if not new:
             unmapped.append(key)
             continue

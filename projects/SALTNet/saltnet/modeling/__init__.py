@@ -1,5 +1,14 @@
 from .backbone import build_saltnet_resnet_fpn_backbone
 from .head import SALTHead
 from .meta_arch import SALTNet
+from .res2net import build_saltnet_res2net_backbone, build_saltnet_res2net_fpn_backbone
+from .resnet import build_saltnet_resnet_backbone
 
-__all__ = ["build_saltnet_resnet_fpn_backbone", "SALTHead", "SALTNet"]
+__all__ = [
+    "build_saltnet_res2net_backbone",
+    "build_saltnet_res2net_fpn_backbone",
+    "build_saltnet_resnet_backbone",
+    "build_saltnet_resnet_fpn_backbone",
+    "SALTHead",
+    "SALTNet",
+]

@@ -77,7 +77,7 @@ class _ModulatedDeformTowerConv(nn.Module):
     The "dcnx" models' last tower conv. Offsets start at zero, so it starts as a plain conv.
     """
 
-    def __init__(self, channels: int, norm: str):
+    def __init__(self, channels: int, norm: str, backend: Optional[str]):
         super().__init__()
         self.offset_conv = nn.Conv2d(channels, 27, kernel_size=3, padding=1)
         self.conv = ModulatedDeformConv(
@@ -88,6 +88,7 @@ class _ModulatedDeformTowerConv(nn.Module):
             bias=not norm,
             norm=get_norm(norm, channels),
             activation=F.relu,
+            backend=backend,
         )
 
     def forward(self, x):
@@ -108,11 +109,13 @@ def _conv_norm_relu(in_channels: int, channels: int, norm: str, bias: bool) -> C
     )
 
 
-def _tower(channels: int, num_convs: int, norm: str, last_dcn: bool) -> nn.Sequential:
+def _tower(
+    channels: int, num_convs: int, norm: str, last_dcn: bool, backend: Optional[str]
+) -> nn.Sequential:
     """num_convs x (conv3x3 + norm + ReLU), the last one deformable (DCNv2) if ``last_dcn``."""
     layers = [_conv_norm_relu(channels, channels, norm, bias=not norm) for _ in range(num_convs)]
     if last_dcn:
-        layers[-1] = _ModulatedDeformTowerConv(channels, norm)
+        layers[-1] = _ModulatedDeformTowerConv(channels, norm, backend)
     return nn.Sequential(*layers)
 
 
@@ -158,8 +161,8 @@ class SALTHead(nn.Module):
         self.dgqp_add_mean = dgqp_add_mean
         self.salt_on = salt_on
 
-        self.cls_tower = _tower(channels, num_convs, norm, tower_last_dcn)
-        self.reg_tower = _tower(channels, num_convs, norm, tower_last_dcn)
+        self.cls_tower = _tower(channels, num_convs, norm, tower_last_dcn, deform_backend)
+        self.reg_tower = _tower(channels, num_convs, norm, tower_last_dcn, deform_backend)
         num_bins = 4 * (reg_max + 1)
         if salt_on:
             # Coarse box and the shape factors that place the nine regression points.
