@@ -66,3 +66,26 @@ def test_crash_during_save_keeps_last_good_checkpoint(tmp_path, monkeypatch, cra
     model, fresh = _checkpointer(tmp_path, 0.0)
     assert fresh.resume_or_load("", resume=True)["iteration"] == 9
     assert torch.equal(model.weight, torch.ones(2, 3))
+
+
+def test_finetuning_with_another_class_count_drops_only_the_classifier(tmp_path, caplog):
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+    from test_model import tiny_cfg
+
+    cfg = tiny_cfg()
+    source = build_model(cfg)
+    AtomicCheckpointer(source, str(tmp_path)).save("model_final")
+
+    cfg.MODEL.SALTNET.NUM_CLASSES = 7
+    target = build_model(cfg)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with caplog.at_level("WARNING"):
+        DetectionCheckpointer(target).load(str(tmp_path / "model_final.pth"))
+    skipped = {
+        k
+        for k, v in target.state_dict().items()
+        if torch.equal(v, before[k]) and not torch.equal(v, source.state_dict()[k])
+    }
+    assert skipped == {"head.cls_score.weight", "head.cls_score.bias"}
+    assert "head.cls_score.weight" in caplog.text and "incompatible shapes" in caplog.text
