@@ -1,0 +1,46 @@
+"""COCO 2017 detection: RGB input, shorter side 800 (longer at most 1333), horizontal flip."""
+
+import detectron2.data.transforms as T
+from detectron2.config import LazyCall as L
+from detectron2.data import (
+    DatasetMapper,
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
+from detectron2.evaluation import COCOEvaluator
+from omegaconf import OmegaConf
+
+dataloader = OmegaConf.create()
+
+dataloader.train = L(build_detection_train_loader)(
+    dataset=L(get_detection_dataset_dicts)(names="coco_2017_train"),
+    mapper=L(DatasetMapper)(
+        is_train=True,
+        augmentations=[
+            L(T.ResizeShortestEdge)(short_edge_length=800, sample_style="choice", max_size=1333),
+            L(T.RandomFlip)(horizontal=True),
+        ],
+        image_format="RGB",
+    ),
+    total_batch_size=16,
+    num_workers=4,
+)
+
+dataloader.test = L(build_detection_test_loader)(
+    dataset=L(get_detection_dataset_dicts)(names="coco_2017_val", filter_empty=False),
+    mapper=L(DatasetMapper)(
+        is_train=False,
+        augmentations=[L(T.ResizeShortestEdge)(short_edge_length=800, max_size=1333)],
+        image_format="${...train.mapper.image_format}",
+    ),
+    num_workers=4,
+)
+
+dataloader.evaluator = L(COCOEvaluator)(dataset_name="${..test.dataset.names}", tasks=("bbox",))
+
+# Datasets that train_net.py registers before building the loaders: a list of
+# "NAME=coco:JSON_FILE:IMAGE_ROOT" / "NAME=voc:VOC_DIR:SPLIT[:CLASSES]" specs, and where the
+# synthetic dataset lives ("" = $SALTNET_SYNTHETIC_ROOT or datasets/saltnet_synthetic).
+dataloader.register = []
+dataloader.synthetic_root = ""

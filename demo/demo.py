@@ -1,0 +1,186 @@
+#!/usr/bin/env python
+"""SALT-Net demo on images, a video or a webcam, following detectron2's ``demo/demo.py``.
+
+    python demo/demo.py --config-file configs/quick_schedule/salt_R_18_synthetic.yaml \\
+        --input 'datasets/saltnet_synthetic/val/*.png' --output out/ --show-points \\
+        --opts MODEL.WEIGHTS output/demo_job/model_final.pth
+
+``--show-points`` also draws, for the top detections, the nine regression (red) and nine
+classification (blue) sampling points of the SALT operator at the location each came from.
+"""
+
+import argparse
+import glob
+import os
+import time
+
+import cv2
+import torch
+import tqdm
+from detectron2.data import MetadataCatalog
+from detectron2.data.detection_utils import read_image
+from detectron2.utils.logger import setup_logger
+
+from saltnet.data import register_datasets_from_cfg
+from saltnet.engine import get_saltnet_cfg
+from saltnet.visualize import SALTVisualizationDemo
+
+WINDOW_NAME = "SALT-Net detections"
+
+
+def setup_cfg(args):
+    """Config from file and ``--opts``; the model's score threshold is the confidence threshold.
+
+    Runs on the CPU when CUDA is unavailable.
+    """
+    if not os.path.isfile(args.config_file):
+        raise FileNotFoundError(f"Config file {args.config_file!r} does not exist.")
+    cfg = get_saltnet_cfg()
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.MODEL.SALTNET.SCORE_THRESH_TEST = args.confidence_threshold
+    if not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    return cfg
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description="SALT-Net demo")
+    parser.add_argument(
+        "--config-file",
+        default="configs/quick_schedule/salt_R_18_synthetic.yaml",
+        metavar="FILE",
+        help="path to config file",
+    )
+    parser.add_argument("--webcam", action="store_true", help="Take inputs from webcam.")
+    parser.add_argument("--video-input", help="Path to video file.")
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        help="A list of space separated input images; or a single glob pattern such as "
+        "'directory/*.jpg'",
+    )
+    parser.add_argument(
+        "--output",
+        help="A file or directory to save output visualizations. "
+        "If not given, will show output in an OpenCV window.",
+    )
+    parser.add_argument(
+        "--confidence-threshold",
+        type=float,
+        default=0.5,
+        help="Minimum score for instance predictions to be shown",
+    )
+    parser.add_argument(
+        "--show-points",
+        action="store_true",
+        help="Draw the SALT regression (red) and classification (blue) points of the top "
+        "detections.",
+    )
+    parser.add_argument(
+        "--num-point-instances",
+        type=int,
+        default=3,
+        help="With --show-points: how many top detections get their points drawn.",
+    )
+    parser.add_argument(
+        "--opts",
+        help="Modify config options using the command-line 'KEY VALUE' pairs",
+        default=[],
+        nargs=argparse.REMAINDER,
+    )
+    return parser
+
+
+def output_path(args, input_path: str) -> str:
+    if os.path.isdir(args.output):
+        return os.path.join(args.output, os.path.basename(input_path))
+    if len(args.input) != 1:
+        raise ValueError("Several inputs need --output to be an existing directory.")
+    return args.output
+
+
+def expand_inputs(inputs):
+    """``--input`` as a list of files: a single argument may be a glob pattern."""
+    if len(inputs) == 1:
+        inputs = sorted(glob.glob(os.path.expanduser(inputs[0])))
+    if not inputs:
+        raise FileNotFoundError("The input path(s) was not found.")
+    return inputs
+
+
+def run_on_images(demo, args, logger):
+    for path in tqdm.tqdm(args.input, disable=not args.output):
+        img = read_image(path, format="BGR")
+        start_time = time.time()
+        instances, vis = demo.run_on_image(img)
+        logger.info(
+            f"{path}: detected {len(instances)} instances in {time.time() - start_time:.2f}s"
+        )
+        if args.output:
+            vis.save(output_path(args, path))
+        else:
+            cv2.namedWindow(WINDOW_NAME, cv2.WINDOW_NORMAL)
+            cv2.imshow(WINDOW_NAME, vis.get_image()[:, :, ::-1])
+            if cv2.waitKey(0) == 27:
+                break  # esc to quit
+
+
+def run_on_video(demo, args):
+    video = cv2.VideoCapture(0 if args.webcam else args.video_input)
+    writer = None
+    if args.output:
+        if args.webcam:
+            raise ValueError("--output is not supported with --webcam.")
+        fname = args.output
+        if os.path.isdir(fname):
+            base = os.path.splitext(os.path.basename(args.video_input))[0]
+            fname = os.path.join(fname, base + ".mp4")
+        writer = cv2.VideoWriter(
+            filename=fname,
+            fourcc=cv2.VideoWriter_fourcc(*"mp4v"),
+            fps=float(video.get(cv2.CAP_PROP_FPS)),
+            frameSize=(
+                int(video.get(cv2.CAP_PROP_FRAME_WIDTH)),
+                int(video.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+            ),
+            isColor=True,
+        )
+    for vis_frame in tqdm.tqdm(demo.run_on_video(video)):
+        if writer is not None:
+            writer.write(vis_frame)
+        else:
+            cv2.namedWindow(WINDOW_NAME, cv2.WINDOW_NORMAL)
+            cv2.imshow(WINDOW_NAME, vis_frame)
+            if cv2.waitKey(1) == 27:
+                break  # esc to quit
+    video.release()
+    if writer is not None:
+        writer.release()
+    else:
+        cv2.destroyAllWindows()
+
+
+def main(args):
+    setup_logger(name="fvcore")
+    logger = setup_logger()
+    logger.info("Arguments: " + str(args))
+    if args.input:
+        args.input = expand_inputs(args.input)
+    elif args.video_input and not os.path.isfile(args.video_input):
+        raise FileNotFoundError(f"Video {args.video_input!r} does not exist.")
+    elif not (args.webcam or args.video_input):
+        raise ValueError("Give --input, --video-input or --webcam.")
+    cfg = setup_cfg(args)
+    register_datasets_from_cfg(cfg)
+    metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused")
+    demo = SALTVisualizationDemo(cfg, metadata, args.show_points, args.num_point_instances)
+    if args.input:
+        run_on_images(demo, args, logger)
+    else:
+        run_on_video(demo, args)
+
+
+if __name__ == "__main__":
+    main(get_parser().parse_args())

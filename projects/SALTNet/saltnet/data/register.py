@@ -1,0 +1,276 @@
+"""Register COCO-json, Pascal-VOC-style and synthetic datasets, also from config keys.
+
+``DATASETS.REGISTER`` (added by :func:`add_dataset_config`) lists datasets as spec strings that
+:func:`register_dataset_spec` understands (fields separated by ``:``, so paths must not contain
+one)::
+
+    NAME=coco:JSON_FILE:IMAGE_ROOT
+    NAME=voc:VOC_DIR:SPLIT[:CLASS1,CLASS2,...]
+
+The synthetic splits ``saltnet_synth_train`` / ``saltnet_synth_val`` need no spec: naming them in
+``DATASETS.TRAIN`` / ``DATASETS.TEST`` generates (once) and registers them, under
+``DATASETS.SYNTHETIC_ROOT`` if set. All datasets get ``evaluator_type="coco"``, so
+:class:`detectron2.evaluation.COCOEvaluator` evaluates them (it converts non-COCO datasets to a
+COCO json itself).
+"""
+
+import json
+import os
+import xml.etree.ElementTree as ET
+from typing import Dict, Iterable, List, Optional, Sequence
+
+from detectron2.config import CfgNode as CN
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import load_coco_json
+from detectron2.structures import BoxMode
+from PIL import Image
+
+from .synthetic import SYNTHETIC_SPLITS, register_synthetic, synthetic_dataset_name
+
+__all__ = [
+    "add_dataset_config",
+    "infer_voc_class_names",
+    "load_checked_coco_json",
+    "load_voc_folder",
+    "register_coco_json",
+    "register_dataset_spec",
+    "register_datasets",
+    "register_datasets_from_cfg",
+    "register_voc_folder",
+]
+
+# name -> spec of the datasets registered here, so that registering the same again is a no-op.
+_REGISTERED: Dict[str, tuple] = {}
+
+
+def add_dataset_config(cfg):
+    """Add ``DATASETS.REGISTER`` and ``DATASETS.SYNTHETIC_ROOT`` to a config (in place)."""
+    cfg.DATASETS.REGISTER = []
+    cfg.DATASETS.SYNTHETIC_ROOT = ""
+    return cfg
+
+
+def _claim(name: str, spec: tuple) -> bool:
+    """True if ``name`` still has to be registered; error if it is taken by something else."""
+    if _REGISTERED.get(name) == spec:
+        return False
+    if name in DatasetCatalog.list():
+        raise ValueError(f"Dataset name {name!r} is already registered; choose another name.")
+    _REGISTERED[name] = spec
+    return True
+
+
+def _require_file(path: str, what: str) -> None:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist.")
+
+
+def _require_dir(path: str, what: str) -> None:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist or is not a directory.")
+
+
+def _check_boxes(dicts: List[Dict], source: str) -> None:
+    for record in dicts:
+        for k, obj in enumerate(record.get("annotations", [])):
+            where = f"{source}: object {k} of image {record['file_name']!r}"
+            box = obj.get("bbox")
+            if box is None:
+                raise ValueError(f"{where} has no 'bbox'.")
+            if len(box) != 4 or not all(isinstance(v, (int, float)) for v in box):
+                raise ValueError(f"{where} has a malformed bbox {box!r}; expected 4 numbers.")
+            if obj["bbox_mode"] == BoxMode.XYWH_ABS:
+                width, height = box[2], box[3]
+            else:
+                width, height = box[2] - box[0], box[3] - box[1]
+            if width < 0 or height < 0:
+                raise ValueError(f"{where} has a box of negative size: {box!r}.")
+
+
+def load_checked_coco_json(json_file: str, image_root: str, dataset_name: str) -> List[Dict]:
+    """:func:`detectron2.data.datasets.load_coco_json`, with clear errors for broken files.
+
+    Raises ValueError naming the file for invalid JSON, annotations without a well-formed bbox
+    (XYWH pixels) or category id, category ids missing from ``categories``, and a dataset
+    without images.
+    """
+    _require_file(json_file, "COCO annotation file")
+    try:
+        dicts = load_coco_json(json_file, image_root, dataset_name)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"COCO annotation file {json_file!r} is not valid JSON: {e}") from e
+    except KeyError as e:
+        raise ValueError(f"Malformed annotation in {json_file!r}: {e}") from e
+    if not dicts:
+        raise ValueError(f"Dataset {dataset_name!r}: {json_file!r} lists no images.")
+    _check_boxes(dicts, json_file)
+    return dicts
+
+
+def register_coco_json(name: str, json_file: str, image_root: str) -> None:
+    """Register a COCO-format detection dataset, as detectron2's ``register_coco_instances``.
+
+    The files must exist now (FileNotFoundError otherwise); the json is read and checked when the
+    dataset is first used (see :func:`load_checked_coco_json`).
+    """
+    _require_file(json_file, "COCO annotation file")
+    _require_dir(image_root, "Image directory")
+    if not _claim(name, ("coco", json_file, image_root)):
+        return
+    DatasetCatalog.register(name, lambda: load_checked_coco_json(json_file, image_root, name))
+    MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco")
+
+
+def _parse_voc_xml(xml_file: str) -> ET.ElementTree:
+    _require_file(xml_file, "VOC annotation")
+    try:
+        return ET.parse(xml_file)
+    except ET.ParseError as e:
+        raise ValueError(f"VOC annotation {xml_file!r} is not valid XML: {e}") from e
+
+
+def _object_name(obj: ET.Element, xml_file: str) -> str:
+    name = obj.findtext("name")
+    if not name or not name.strip():
+        raise ValueError(f"VOC annotation {xml_file!r}: an <object> has no <name>.")
+    return name.strip()
+
+
+def infer_voc_class_names(dirname: str) -> List[str]:
+    """Sorted object names over all ``Annotations/*.xml`` of a VOC folder (all splits agree)."""
+    ann_dir = os.path.join(dirname, "Annotations")
+    _require_dir(ann_dir, "VOC annotation directory")
+    names = set()
+    for fname in sorted(os.listdir(ann_dir)):
+        if fname.endswith(".xml"):
+            xml_file = os.path.join(ann_dir, fname)
+            tree = _parse_voc_xml(xml_file)
+            names.update(_object_name(obj, xml_file) for obj in tree.findall("object"))
+    if not names:
+        raise ValueError(f"No annotated objects found in {ann_dir!r}; cannot infer class names.")
+    return sorted(names)
+
+
+def _voc_split_ids(dirname: str, split: str) -> List[str]:
+    split_file = os.path.join(dirname, "ImageSets", "Main", f"{split}.txt")
+    _require_file(split_file, "VOC split file")
+    with open(split_file) as f:
+        return [line.split()[0] for line in f if line.strip()]
+
+
+def load_voc_folder(dirname: str, split: str, class_names: Sequence[str]) -> List[Dict]:
+    """Load one split of a VOC-style folder as detectron2 dataset dicts.
+
+    Reads ``ImageSets/Main/{split}.txt`` and ``Annotations/{id}.xml``; images are
+    ``JPEGImages/<filename>`` (the XML's ``<filename>``, else ``{id}.jpg``). Boxes are XYXY
+    pixels; VOC's 1-based ``xmin``/``ymin`` are shifted by -1 as in detectron2's Pascal VOC
+    loader, and "difficult" objects are kept. ``image_id`` is the index in the split.
+    """
+    class_to_id = {c: i for i, c in enumerate(class_names)}
+    dicts = []
+    for image_id, file_id in enumerate(_voc_split_ids(dirname, split)):
+        xml_file = os.path.join(dirname, "Annotations", f"{file_id}.xml")
+        tree = _parse_voc_xml(xml_file)
+        file_name = os.path.join(
+            dirname, "JPEGImages", tree.findtext("filename") or f"{file_id}.jpg"
+        )
+        _require_file(file_name, f"Image of {xml_file!r}:")
+        try:
+            height, width = int(tree.findtext("size/height")), int(tree.findtext("size/width"))
+        except (TypeError, ValueError):  # no usable <size>: read it from the image header
+            with Image.open(file_name) as img:
+                width, height = img.size
+        annotations = []
+        for obj in tree.findall("object"):
+            name = _object_name(obj, xml_file)
+            if name not in class_to_id:
+                raise ValueError(
+                    f"VOC annotation {xml_file!r}: unknown class {name!r}; known: {class_names}."
+                )
+            try:
+                box = [float(obj.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax")]
+            except (TypeError, ValueError) as e:
+                raise ValueError(
+                    f"VOC annotation {xml_file!r}: object {name!r} has no valid <bndbox> "
+                    "with xmin, ymin, xmax, ymax."
+                ) from e
+            box[0] -= 1.0
+            box[1] -= 1.0
+            annotations.append(
+                {"category_id": class_to_id[name], "bbox": box, "bbox_mode": BoxMode.XYXY_ABS}
+            )
+        dicts.append(
+            {
+                "file_name": file_name,
+                "image_id": image_id,
+                "height": height,
+                "width": width,
+                "annotations": annotations,
+            }
+        )
+    if not dicts:
+        raise ValueError(f"VOC split {split!r} of {dirname!r} lists no images.")
+    _check_boxes(dicts, f"VOC folder {dirname!r}")
+    return dicts
+
+
+def register_voc_folder(
+    name: str, dirname: str, split: str, class_names: Optional[Sequence[str]] = None
+) -> None:
+    """Register one split of a VOC-style folder (Annotations/, ImageSets/Main/, JPEGImages/).
+
+    ``class_names`` defaults to the object names of all its XML files, sorted. The folder layout
+    is checked now (FileNotFoundError); the split's annotations when the dataset is first used.
+    """
+    _require_dir(dirname, "VOC folder")
+    for sub in ("Annotations", "JPEGImages"):
+        _require_dir(os.path.join(dirname, sub), f"VOC {sub} directory")
+    _require_file(os.path.join(dirname, "ImageSets", "Main", f"{split}.txt"), "VOC split file")
+    class_names = list(class_names) if class_names else infer_voc_class_names(dirname)
+    if not _claim(name, ("voc", dirname, split, tuple(class_names))):
+        return
+    DatasetCatalog.register(name, lambda: load_voc_folder(dirname, split, class_names))
+    MetadataCatalog.get(name).set(
+        thing_classes=class_names, dirname=dirname, split=split, evaluator_type="coco"
+    )
+
+
+def register_dataset_spec(spec: str) -> str:
+    """Register the dataset of one ``DATASETS.REGISTER`` entry (see module doc); return its name."""
+    name, sep, rest = spec.partition("=")
+    kind, _, args = rest.partition(":")
+    fields = args.split(":") if args else []
+    name, kind = name.strip(), kind.strip()
+    if not sep or not name:
+        raise ValueError(f"Dataset spec {spec!r} must look like NAME=KIND:ARGS.")
+    if kind == "coco" and len(fields) == 2:
+        register_coco_json(name, *fields)
+    elif kind == "voc" and len(fields) in (2, 3):
+        classes = fields[2].split(",") if len(fields) == 3 else None
+        register_voc_folder(name, fields[0], fields[1], classes)
+    else:
+        raise ValueError(
+            f"Cannot parse dataset spec {spec!r}. Use NAME=coco:JSON_FILE:IMAGE_ROOT or "
+            "NAME=voc:VOC_DIR:SPLIT[:CLASS1,CLASS2,...]."
+        )
+    return name
+
+
+def register_datasets(
+    specs: Iterable[str] = (), names: Iterable[str] = (), synthetic_root: Optional[str] = None
+) -> None:
+    """Register ``specs`` (see module doc), then the synthetic splits if ``names`` mention one."""
+    for spec in specs:
+        register_dataset_spec(spec)
+    synthetic_names = {synthetic_dataset_name(split) for split in SYNTHETIC_SPLITS}
+    if synthetic_names & set(names):
+        register_synthetic(synthetic_root or None)
+
+
+def register_datasets_from_cfg(cfg: CN) -> None:
+    """Register what ``DATASETS.REGISTER`` lists and the synthetic splits TRAIN / TEST name."""
+    register_datasets(
+        cfg.DATASETS.REGISTER,
+        list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST),
+        cfg.DATASETS.SYNTHETIC_ROOT,
+    )

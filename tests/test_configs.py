@@ -1,0 +1,156 @@
+"""The model configs: the paper's recipes, every YAML builds a model that runs, LazyConfig twins."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from detectron2.config import LazyConfig, instantiate
+from detectron2.modeling import BACKBONE_REGISTRY, build_model
+from detectron2.solver import build_lr_scheduler
+
+from saltnet.engine import load_yaml_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+YAMLS = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml"))
+PAPER_MODELS = [
+    "salt_R_50_FPN_1x.yaml",
+    "salt_R_50_FPN_2x_ms.yaml",
+    "salt_X_101_32x4d_FPN_2x_ms_dcn.yaml",
+    "salt_X_101_32x4d_FPN_2x_ms_dcnx.yaml",
+    "salt_R2_101_FPN_2x_ms_dcn.yaml",
+    "salt_R2_101_FPN_2x_ms_dcnx.yaml",
+    "gflv2_R_50_FPN_1x.yaml",
+]
+
+
+def _cfg(name, *opts):
+    return load_yaml_config(str(CONFIGS / name), ["MODEL.DEVICE", "cpu", *opts])
+
+
+def test_every_paper_model_has_a_config():
+    assert set(PAPER_MODELS) <= set(YAMLS)
+    assert "quick_schedule/salt_R_18_synthetic.yaml" in YAMLS
+
+
+def test_base_recipe():
+    cfg = _cfg("salt_R_50_FPN_1x.yaml")
+    assert cfg.MODEL.META_ARCHITECTURE == "SALTNet"
+    assert cfg.MODEL.BACKBONE.NAME == "build_saltnet_resnet_fpn_backbone"
+    assert cfg.MODEL.BACKBONE.FREEZE_AT == 2 and cfg.MODEL.RESNETS.NORM == "FrozenBN"
+    assert cfg.MODEL.RESNETS.DEPTH == 50 and not cfg.MODEL.RESNETS.STRIDE_IN_1X1
+    assert cfg.MODEL.RESNETS.OUT_FEATURES == cfg.MODEL.FPN.IN_FEATURES == ["res3", "res4", "res5"]
+    assert cfg.MODEL.FPN.OUT_CHANNELS == 256 and cfg.MODEL.FPN.NORM == ""
+    assert cfg.INPUT.FORMAT == "RGB"
+    assert cfg.MODEL.PIXEL_MEAN == [123.675, 116.28, 103.53]
+    assert cfg.MODEL.PIXEL_STD == [58.395, 57.12, 57.375]
+    assert cfg.INPUT.MIN_SIZE_TRAIN == (800,) and cfg.INPUT.MAX_SIZE_TRAIN == 1333
+    assert (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST) == (800, 1333)
+    assert cfg.INPUT.RANDOM_FLIP == "horizontal"
+    s = cfg.SOLVER
+    assert (s.IMS_PER_BATCH, s.BASE_LR, s.MOMENTUM, s.WEIGHT_DECAY) == (16, 0.01, 0.9, 1e-4)
+    assert (s.WARMUP_ITERS, s.WARMUP_FACTOR, s.WARMUP_METHOD) == (500, 0.001, "linear")
+    assert (s.MAX_ITER, s.STEPS, s.GAMMA) == (90000, (60000, 80000), 0.1)
+    node = cfg.MODEL.SALTNET
+    assert node.SALT_ON and node.NUM_CONVS == 3 and node.REG_MAX == 16 and node.NUM_CLASSES == 80
+    assert node.IN_FEATURES == ["p3", "p4", "p5", "p6", "p7"]
+    assert (node.NMS_THRESH_TEST, node.SCORE_THRESH_TEST) == (0.6, 0.05)
+    assert (node.TOPK_CANDIDATES_TEST, node.DETECTIONS_PER_IMAGE) == (1000, 100)
+
+
+def test_base_yaml_writes_out_every_saltnet_key():
+    text = (CONFIGS / "Base-SALTNet.yaml").read_text()
+    for key in _cfg("Base-SALTNet.yaml").MODEL.SALTNET:
+        assert f"    {key}:" in text, f"MODEL.SALTNET.{key} missing from Base-SALTNet.yaml"
+
+
+def test_lr_schedule_of_the_1x_recipe():
+    cfg = _cfg("salt_R_50_FPN_1x.yaml")
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.SOLVER.BASE_LR)
+    multiplier = build_lr_scheduler(cfg, optimizer)._multiplier  # of iteration / MAX_ITER
+    lrs = {it: 0.01 * multiplier(it / 90000) for it in (0, 250, 500, 59999, 60000, 80000, 89999)}
+    assert lrs[0] == pytest.approx(1e-5)
+    assert lrs[250] == pytest.approx(0.01 * (0.001 + 0.999 * 0.5))
+    assert lrs[500] == lrs[59999] == pytest.approx(0.01)
+    assert lrs[60000] == pytest.approx(0.001)
+    assert lrs[80000] == lrs[89999] == pytest.approx(0.0001)
+
+
+def test_2x_multiscale_recipe():
+    cfg = _cfg("salt_R_50_FPN_2x_ms.yaml")
+    assert (cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS) == (180000, (120000, 160000))
+    assert cfg.INPUT.MIN_SIZE_TRAIN == (480, 960)
+    assert cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING == "range"
+    assert cfg.INPUT.MAX_SIZE_TRAIN == 1333
+
+
+@pytest.mark.parametrize("variant, stages", [("dcn", [0, 0, 1, 1]), ("dcnx", [0, 1, 1, 1])])
+def test_deformable_recipes(variant, stages):
+    x101 = _cfg(f"salt_X_101_32x4d_FPN_2x_ms_{variant}.yaml")
+    r = x101.MODEL.RESNETS
+    assert (r.DEPTH, r.NUM_GROUPS, r.WIDTH_PER_GROUP, r.STRIDE_IN_1X1) == (101, 32, 4, False)
+    assert r.DEFORM_ON_PER_STAGE == [bool(s) for s in stages] and not r.DEFORM_MODULATED
+    r2 = _cfg(f"salt_R2_101_FPN_2x_ms_{variant}.yaml")
+    assert r2.MODEL.BACKBONE.NAME == "build_saltnet_res2net_fpn_backbone"
+    n = r2.MODEL.RES2NET
+    assert (n.DEPTH, n.BASE_WIDTH, n.SCALE) == (101, 26, 4)
+    assert n.DEFORM_ON_PER_STAGE == [bool(s) for s in stages] and not n.DEFORM_MODULATED
+    for cfg in (x101, r2):
+        assert cfg.SOLVER.MAX_ITER == 180000 and cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING == "range"
+        dcnx = variant == "dcnx"
+        assert cfg.MODEL.SALTNET.TOWER_LAST_DCN == dcnx
+        assert cfg.MODEL.FPN.NORM == ("GN" if dcnx else "")
+
+
+def test_gflv2_baseline_switches_salt_off():
+    assert not _cfg("gflv2_R_50_FPN_1x.yaml").MODEL.SALTNET.SALT_ON
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", YAMLS)
+def test_every_yaml_builds_a_model_that_runs_on_cpu(name):
+    cfg = _cfg(name)
+    if cfg.MODEL.BACKBONE.NAME not in BACKBONE_REGISTRY:
+        pytest.skip(f"backbone {cfg.MODEL.BACKBONE.NAME} is not registered")
+    model = build_model(cfg).eval()
+    image = torch.randint(0, 256, (3, 64, 80)).float()
+    with torch.no_grad():
+        (out,) = model([{"image": image, "height": 32, "width": 40}])
+    instances = out["instances"]
+    assert instances.image_size == (32, 40)
+    assert len(instances) <= cfg.MODEL.SALTNET.DETECTIONS_PER_IMAGE
+    if len(instances):
+        assert instances.pred_classes.max() < cfg.MODEL.SALTNET.NUM_CLASSES
+        assert torch.isfinite(instances.pred_boxes.tensor).all()
+    assert model.head.salt_on == cfg.MODEL.SALTNET.SALT_ON
+
+
+@pytest.mark.parametrize("name", ["salt_R_50_FPN_1x", "gflv2_R_50_FPN_1x"])
+def test_lazy_configs_build_the_yaml_models(name):
+    lazy = LazyConfig.load(str(CONFIGS / f"{name}.py"))
+    lazy_model = instantiate(lazy.model)
+    yaml_model = build_model(_cfg(f"{name}.yaml"))
+    shapes = {k: v.shape for k, v in lazy_model.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in yaml_model.state_dict().items()}
+    frozen = {n for n, p in lazy_model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, p in yaml_model.named_parameters() if not p.requires_grad}
+    assert lazy_model.head.salt_on == (name.startswith("salt"))
+    assert lazy.optimizer.lr == 0.01 and lazy.train.max_iter == 90000
+    assert lazy.dataloader.train.total_batch_size == 16
+    multiplier = instantiate(lazy.lr_multiplier)
+    assert multiplier(0.0) == pytest.approx(0.001)
+    assert multiplier(250 / 90000) == pytest.approx(0.001 + 0.999 * 0.5)
+    assert [multiplier(x / 90000) for x in (500, 59999, 60000, 80000)] == pytest.approx(
+        [1.0, 1.0, 0.1, 0.01]
+    )
+
+
+def test_quick_lazy_config_matches_the_quick_yaml():
+    lazy = LazyConfig.load(str(CONFIGS / "quick_schedule/salt_R_18_synthetic.py"))
+    yaml_cfg = _cfg("quick_schedule/salt_R_18_synthetic.yaml")
+    lazy_model = instantiate(lazy.model)
+    yaml_model = build_model(yaml_cfg)
+    shapes = {k: v.shape for k, v in lazy_model.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in yaml_model.state_dict().items()}
+    assert lazy.train.max_iter == yaml_cfg.SOLVER.MAX_ITER
+    assert lazy.dataloader.train.dataset.names == yaml_cfg.DATASETS.TRAIN[0]
+    assert lazy.dataloader.test.dataset.names == yaml_cfg.DATASETS.TEST[0]

@@ -1,0 +1,146 @@
+"""demo/demo.py, the SALT point sets of saltnet.visualize, and tools/demo_job.py (shortened)."""
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+
+from saltnet.engine import load_yaml_config
+from saltnet.visualize import inference_with_point_sets
+
+QUICK_YAML = "configs/quick_schedule/salt_R_18_synthetic.yaml"
+
+
+@pytest.fixture(scope="module")
+def trained_model(quick_train, tiny_opts):
+    """The tiny trained quick-schedule model, in eval mode (score threshold 0)."""
+    out, proc = quick_train
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = load_yaml_config(QUICK_YAML, tiny_opts)
+    model = build_model(cfg).eval()
+    DetectionCheckpointer(model).load(str(out / "model_final.pth"))
+    return model
+
+
+def test_point_sets_belong_to_the_detections(trained_model):
+    model = trained_model
+    image = torch.randint(0, 256, (3, 96, 96)).float()
+    inputs = {"image": image, "height": 192, "width": 144}  # output frame: x 1.5, y 2
+    with torch.no_grad():
+        expected = model([inputs])[0]["instances"]
+    instances = inference_with_point_sets(model, [inputs])[0]["instances"]
+    assert len(instances) > 0
+    # The same detections as the model's own forward.
+    assert torch.equal(instances.pred_boxes.tensor, expected.pred_boxes.tensor)
+    assert torch.equal(instances.scores, expected.scores)
+    assert torch.equal(instances.pred_classes, expected.pred_classes)
+    assert instances.reg_points.shape == instances.cls_points.shape == (len(instances), 9, 2)
+
+    strides = torch.tensor(model.strides)[instances.levels].float()
+    anchors = instances.locations.flip(1).float() * strides[:, None] * torch.tensor([1.5, 2.0])
+    reg = instances.reg_points
+    # Points 3 / 5 lie on the coarse box's left / right side, 1 / 7 on its top / bottom: the
+    # anchor point lies between them.
+    assert (reg[:, 3, 0] <= anchors[:, 0] + 1e-4).all() and (
+        reg[:, 5, 0] >= anchors[:, 0] - 1e-4
+    ).all()
+    assert (reg[:, 1, 1] <= anchors[:, 1] + 1e-4).all() and (
+        reg[:, 7, 1] >= anchors[:, 1] - 1e-4
+    ).all()
+    assert torch.isfinite(instances.cls_points).all()
+
+
+def test_point_sets_need_the_salt_head(tiny_opts):
+    cfg = load_yaml_config(QUICK_YAML, [*tiny_opts, "MODEL.SALTNET.SALT_ON", "False"])
+    model = build_model(cfg).eval()
+    with pytest.raises(ValueError, match="SALT"):
+        inference_with_point_sets(model, [{"image": torch.zeros(3, 64, 64)}])
+
+
+@pytest.mark.slow
+def test_demo_writes_pictures_with_and_without_points(
+    quick_train, run_tool, synthetic_root, tmp_path
+):
+    out, train = quick_train
+    assert train.returncode == 0, train.stderr[-3000:]
+    image = f"{synthetic_root}/val/000000.png"
+    pictures = {}
+    for flag in ("", "--show-points"):
+        target = tmp_path / f"vis{flag}.png"
+        args = ["--input", image, "--output", target, "--confidence-threshold", "0.0"]
+        opts = ["--opts", "MODEL.WEIGHTS", out / "model_final.pth", "INPUT.MIN_SIZE_TEST", "96"]
+        proc = run_tool(
+            "demo/demo.py", "--config-file", QUICK_YAML, *args, *([flag] if flag else []), *opts
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "detected" in proc.stdout + proc.stderr
+        pictures[flag] = cv2.imread(str(target))
+        assert pictures[flag] is not None and pictures[flag].shape == (128, 128, 3)
+    assert np.abs(pictures[""].astype(int) - pictures["--show-points"]).sum() > 0
+
+
+@pytest.mark.slow
+def test_demo_on_a_video(quick_train, run_tool, synthetic_root, tmp_path):
+    out, train = quick_train
+    assert train.returncode == 0, train.stderr[-3000:]
+    video = tmp_path / "in.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 5.0, (128, 128))
+    for i in range(3):
+        writer.write(cv2.imread(f"{synthetic_root}/val/{i:06d}.png"))
+    writer.release()
+    result = tmp_path / "out.mp4"
+    proc = run_tool(
+        "demo/demo.py",
+        "--config-file",
+        QUICK_YAML,
+        "--video-input",
+        video,
+        "--output",
+        result,
+        "--show-points",
+        "--confidence-threshold",
+        "0.0",
+        "--opts",
+        "MODEL.WEIGHTS",
+        out / "model_final.pth",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    capture = cv2.VideoCapture(str(result))
+    assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
+
+
+def test_demo_rejects_missing_inputs(run_tool, tmp_path):
+    proc = run_tool("demo/demo.py", "--config-file", QUICK_YAML, "--input", tmp_path / "*.png")
+    assert proc.returncode != 0
+    assert "not found" in proc.stderr
+
+
+@pytest.mark.slow
+def test_demo_job_smoke(run_tool, tmp_path):
+    proc = run_tool(
+        "tools/demo_job.py",
+        "--output-dir",
+        tmp_path,
+        "--num-vis",
+        "2",
+        "--threads",
+        "1",
+        "SOLVER.MAX_ITER",
+        "3",
+        "SOLVER.IMS_PER_BATCH",
+        "2",
+        "DATALOADER.NUM_WORKERS",
+        "0",
+        "MODEL.SALTNET.SCORE_THRESH_TEST",
+        "0.0",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "SALT-Net demo job summary" in proc.stdout
+    assert "val AP:" in proc.stdout and "wall time:" in proc.stdout
+    pictures = sorted((tmp_path / "vis").glob("*.jpg"))
+    assert len(pictures) == 2
+    picture = cv2.imread(str(pictures[0]))
+    assert picture.shape[1] > 2 * picture.shape[0]  # detections next to the ground truth
+    assert (tmp_path / "model_final.pth").is_file()

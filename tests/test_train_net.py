@@ -1,0 +1,168 @@
+"""train_net.py end to end on the CPU: training, --eval-only, --resume, LazyConfig, bad input."""
+
+import importlib.util
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from detectron2.engine import default_argument_parser
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+QUICK_YAML = "configs/quick_schedule/salt_R_18_synthetic.yaml"
+
+
+def _metrics(out_dir):
+    """The training records of metrics.json (those with losses; evaluations are separate)."""
+    with open(out_dir / "metrics.json") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [r for r in records if "total_loss" in r]
+
+
+def _copypaste_ap(text: str) -> str:
+    """The values of detectron2's ``copypaste: AP,AP50,...`` line (e.g. "1.0,2.5,0.3,0,1.0,nan")."""
+    match = re.search(r"copypaste: AP,AP50,AP75,APs,APm,APl\n.*copypaste: ([-\d.,na]+)", text)
+    assert match, "no AP table in the output"
+    return match.group(1)
+
+
+def _train_net():
+    spec = importlib.util.spec_from_file_location("train_net", REPO_ROOT / "train_net.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_training_writes_checkpoints_logs_and_events(quick_train):
+    out, proc = quick_train
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / "model_0000005.pth").is_file()
+    assert (out / "model_final.pth").is_file()
+    assert (out / "last_checkpoint").read_text().strip() == "model_final.pth"
+    assert list(out.glob("events.out.tfevents.*")), "no TensorBoard event file"
+    metrics = _metrics(out)
+    assert max(m["iteration"] for m in metrics) == 11
+    assert all(math.isfinite(m["total_loss"]) for m in metrics)
+    log = (out / "log.txt").read_text()
+    assert "Starting training from iteration 0" in log
+    assert "eta:" in log  # CommonMetricPrinter
+    assert "Evaluation results for bbox" in log  # final evaluation on saltnet_synth_val
+
+
+@pytest.mark.slow
+def test_eval_only_prints_ap_table_of_the_checkpoint(quick_train, run_tool, tiny_opts, tmp_path):
+    out, train = quick_train
+    assert train.returncode == 0, train.stderr[-3000:]
+    weights = out / "model_final.pth"
+    proc = run_tool(
+        "train_net.py",
+        "--config-file",
+        QUICK_YAML,
+        "--eval-only",
+        *tiny_opts,
+        "MODEL.WEIGHTS",
+        weights,
+        "OUTPUT_DIR",
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Evaluation results for bbox" in proc.stdout
+    assert re.search(r"\|\s+AP\s+\|\s+AP50\s+\|\s+AP75\s+\|", proc.stdout), "no markdown AP table"
+    assert f"Loading from {weights}" in proc.stdout
+    assert not (tmp_path / "model_final.pth").exists()  # evaluation only, no training
+    ap = _copypaste_ap(proc.stdout)
+    assert math.isfinite(float(ap.split(",")[0]))
+    # The same weights on the same data: the AP of the training run's final evaluation.
+    assert ap == _copypaste_ap((out / "log.txt").read_text())
+
+
+@pytest.mark.slow
+def test_resume_continues_from_the_saved_iteration(quick_train, run_tool, tiny_opts, tmp_path):
+    out, train = quick_train
+    assert train.returncode == 0, train.stderr[-3000:]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    proc = run_tool(
+        "train_net.py",
+        "--config-file",
+        QUICK_YAML,
+        "--resume",
+        *tiny_opts,
+        "SOLVER.MAX_ITER",
+        "16",
+        "OUTPUT_DIR",
+        resumed,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Starting training from iteration 12" in proc.stdout
+    assert max(m["iteration"] for m in _metrics(resumed)) == 15
+    assert (resumed / "model_final.pth").stat().st_mtime > (out / "model_final.pth").stat().st_mtime
+
+
+@pytest.mark.slow
+def test_lazy_config_trains_and_evaluates(run_tool, tmp_path):
+    proc = run_tool(
+        "train_net.py",
+        "--config-file",
+        "configs/quick_schedule/salt_R_18_synthetic.py",
+        "train.max_iter=4",
+        "train.log_period=2",
+        f"train.output_dir={tmp_path}",
+        "dataloader.train.total_batch_size=2",
+        "dataloader.train.num_workers=0",
+        "dataloader.test.num_workers=0",
+        "model.test_score_thresh=0.0",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "model_final.pth").is_file()
+    assert max(m["iteration"] for m in _metrics(tmp_path)) == 3
+    assert "eta:" in proc.stdout
+    ap = _copypaste_ap(proc.stdout)  # evaluated with COCOEvaluator
+
+    weights = tmp_path / "model_final.pth"
+    proc = run_tool(
+        "train_net.py",
+        "--config-file",
+        "configs/quick_schedule/salt_R_18_synthetic.py",
+        "--eval-only",
+        f"train.init_checkpoint={weights}",
+        f"train.output_dir={tmp_path / 'eval'}",
+        "dataloader.test.num_workers=0",
+        "model.test_score_thresh=0.0",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"Loading from {weights}" in proc.stdout
+    assert _copypaste_ap(proc.stdout) == ap
+
+
+def test_missing_config_file_is_a_clear_error(run_tool, tmp_path):
+    missing = tmp_path / "no_such_config.yaml"
+    proc = run_tool("train_net.py", "--config-file", missing)
+    assert proc.returncode != 0
+    assert f"config file '{missing}' does not exist" in proc.stderr
+
+
+def test_unknown_config_key_names_the_key(tmp_path):
+    # On the command line: yacs' assertion naming the key.
+    args = default_argument_parser().parse_args(
+        ["--config-file", str(REPO_ROOT / QUICK_YAML), "MODEL.SALTNET.NO_SUCH_KEY", "1"]
+    )
+    with pytest.raises(AssertionError, match="Non-existent key: MODEL.SALTNET.NO_SUCH_KEY"):
+        _train_net().main(args)
+    # In a config file: detectron2's KeyError naming the key.
+    config = tmp_path / "bad.yaml"
+    config.write_text(
+        f'_BASE_: "{REPO_ROOT / QUICK_YAML}"\nMODEL:\n  SALTNET:\n    NO_SUCH_KEY: 1\n'
+    )
+    args = default_argument_parser().parse_args(["--config-file", str(config)])
+    with pytest.raises(KeyError, match="Non-existent config key: MODEL.SALTNET.NO_SUCH_KEY"):
+        _train_net().main(args)
+
+
+def test_main_rejects_missing_config_file(tmp_path):
+    args = default_argument_parser().parse_args(["--config-file", str(tmp_path / "x.yaml")])
+    with pytest.raises(FileNotFoundError, match="x.yaml"):
+        _train_net().main(args)

@@ -1,0 +1,162 @@
+#!/usr/bin/env python
+"""SALT-Net training and evaluation script.
+
+A ``.yaml`` config runs through detectron2's :class:`DefaultTrainer` (see
+``saltnet.engine.SALTNetTrainer``); a ``.py`` LazyConfig runs the loop of detectron2's
+``tools/lazyconfig_train_net.py``. The flags are the same for both, e.g.::
+
+    python train_net.py --config-file configs/salt_R_50_FPN_1x.yaml --num-gpus 8
+    python train_net.py --config-file configs/salt_R_50_FPN_1x.yaml --eval-only \\
+        MODEL.WEIGHTS output/model_final.pth
+    python train_net.py --config-file configs/salt_R_50_FPN_1x.py --resume train.max_iter=1000
+
+Datasets besides detectron2's builtin ones are registered from the config: ``DATASETS.REGISTER``
+(YAML) or ``dataloader.register`` (LazyConfig), a list of ``NAME=coco:JSON:IMAGE_DIR`` /
+``NAME=voc:VOC_DIR:SPLIT[:CLASSES]`` specs; ``saltnet_synth_{train,val}`` need none.
+"""
+
+import logging
+import os
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import (
+    AMPTrainer,
+    SimpleTrainer,
+    default_argument_parser,
+    default_setup,
+    default_writers,
+    hooks,
+    launch,
+)
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation import inference_on_dataset, print_csv_format, verify_results
+from detectron2.utils import comm
+
+from saltnet.checkpoint import AtomicCheckpointer
+from saltnet.data import register_datasets, register_datasets_from_cfg
+from saltnet.engine import SALTNetTrainer, load_yaml_config
+
+logger = logging.getLogger("detectron2")
+
+
+def setup(args):
+    """Build the config of ``args.config_file`` (YAML) with ``args.opts`` and set up logging."""
+    cfg = load_yaml_config(args.config_file, args.opts)
+    default_setup(cfg, args)
+    return cfg
+
+
+def register_lazy_datasets(cfg):
+    """Register ``cfg.dataloader.register`` and the synthetic splits the loaders name."""
+    names = []
+    for split in ("train", "test"):
+        if split in cfg.dataloader and "dataset" in cfg.dataloader[split]:
+            ds_names = cfg.dataloader[split].dataset.get("names", ())
+            names += [ds_names] if isinstance(ds_names, str) else list(ds_names)
+    register_datasets(
+        cfg.dataloader.get("register", ()), names, cfg.dataloader.get("synthetic_root", None)
+    )
+
+
+def do_test_lazy(cfg, model):
+    if "evaluator" in cfg.dataloader:
+        ret = inference_on_dataset(
+            model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+        )
+        print_csv_format(ret)
+        return ret
+
+
+def do_train_lazy(args, cfg):
+    """The training loop of detectron2's ``tools/lazyconfig_train_net.py``."""
+    model = instantiate(cfg.model)
+    logger.info("Model:\n{}".format(model))
+    model.to(cfg.train.device)
+
+    cfg.optimizer.params.model = model
+    optim = instantiate(cfg.optimizer)
+    train_loader = instantiate(cfg.dataloader.train)
+
+    model = create_ddp_model(model, **cfg.train.ddp)
+    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optim)
+    checkpointer = AtomicCheckpointer(model, cfg.train.output_dir, optimizer=optim, trainer=trainer)
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            (
+                hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+                if comm.is_main_process()
+                else None
+            ),
+            hooks.EvalHook(cfg.train.eval_period, lambda: do_test_lazy(cfg, model)),
+            (
+                hooks.PeriodicWriter(
+                    default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                    period=cfg.train.log_period,
+                )
+                if comm.is_main_process()
+                else None
+            ),
+        ]
+    )
+
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    # The checkpoint stores the iteration that just finished: continue at the next one.
+    start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    trainer.train(start_iter, cfg.train.max_iter)
+
+
+def main_lazy(args):
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    default_setup(cfg, args)
+    register_lazy_datasets(cfg)
+    if args.eval_only:
+        model = create_ddp_model(instantiate(cfg.model).to(cfg.train.device))
+        DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+        return do_test_lazy(cfg, model)
+    do_train_lazy(args, cfg)
+
+
+def main(args):
+    if not os.path.isfile(args.config_file):
+        raise FileNotFoundError(f"Config file {args.config_file!r} does not exist.")
+    if args.config_file.endswith(".py"):
+        return main_lazy(args)
+    cfg = setup(args)
+    register_datasets_from_cfg(cfg)
+
+    if args.eval_only:
+        model = SALTNetTrainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        res = SALTNetTrainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+
+    trainer = SALTNetTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def invoke_main() -> None:
+    parser = default_argument_parser()
+    args = parser.parse_args()
+    if not os.path.isfile(args.config_file):
+        parser.error(f"config file {args.config_file!r} does not exist (see --config-file).")
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    invoke_main()
