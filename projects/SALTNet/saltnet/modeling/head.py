@@ -109,6 +109,19 @@ def _conv_norm_relu(in_channels: int, channels: int, norm: str, bias: bool) -> C
     )
 
 
+def _deform_conv_norm_relu(channels: int, norm: str, backend: Optional[str]) -> DeformConv:
+    """Deformable conv3x3 (no bias) + norm + ReLU: SALT's point-sampling conv."""
+    return DeformConv(
+        channels,
+        channels,
+        3,
+        padding=1,
+        norm=get_norm(norm, channels),
+        activation=F.relu,
+        backend=backend,
+    )
+
+
 def _tower(
     channels: int, num_convs: int, norm: str, last_dcn: bool, backend: Optional[str]
 ) -> nn.Sequential:
@@ -174,27 +187,11 @@ class SALTHead(nn.Module):
                 [nn.Parameter(torch.tensor(1.0)) for _ in range(self.num_levels)]
             )
             # Regression: sample the reg tower at the regression points.
-            self.reg_dcn = DeformConv(
-                channels,
-                channels,
-                3,
-                padding=1,
-                norm=get_norm(norm, channels),
-                activation=F.relu,
-                backend=deform_backend,
-            )
+            self.reg_dcn = _deform_conv_norm_relu(channels, norm, deform_backend)
             # Classification: rescale the (detached) regression points, sample the cls features.
             self.cls_point_conv = _conv_norm_relu(channels, channels, norm, bias=True)
             self.cls_point_scale_pred = nn.Conv2d(channels, 18, kernel_size=3, padding=1)
-            self.cls_dcn = DeformConv(
-                channels,
-                channels,
-                3,
-                padding=1,
-                norm=get_norm(norm, channels),
-                activation=F.relu,
-                backend=deform_backend,
-            )
+            self.cls_dcn = _deform_conv_norm_relu(channels, norm, deform_backend)
             self.register_buffer("kernel_grid", KERNEL_GRID.clone(), persistent=False)
         self.cls_score = nn.Conv2d(channels, num_classes, kernel_size=3, padding=1)
         self.bbox_pred = nn.Conv2d(channels, num_bins, kernel_size=3, padding=1)
