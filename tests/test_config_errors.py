@@ -1,0 +1,217 @@
+"""Config mistakes give errors that name the problem, where it is and the valid choices."""
+
+import logging
+import uuid
+from pathlib import Path
+
+import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from saltnet.config_checks import (
+    ConfigError,
+    UnknownConfigKeyError,
+    check_config,
+    check_num_classes,
+    merge_config,
+)
+from saltnet.engine import get_saltnet_cfg
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+QUICK_YAML = "configs/quick_schedule/salt_R_18_synthetic.yaml"
+
+
+def saltnet_cfg():
+    cfg = get_saltnet_cfg()
+    cfg.MODEL.META_ARCHITECTURE = "SALTNet"
+    cfg.MODEL.BACKBONE.NAME = "build_saltnet_resnet_fpn_backbone"
+    return cfg
+
+
+def write(path, text):
+    path.write_text("VERSION: 2\n" + text)
+    return str(path)
+
+
+def test_unknown_key_on_command_line_suggests_the_key():
+    cfg = get_saltnet_cfg()
+    with pytest.raises(UnknownConfigKeyError) as info:
+        merge_config(cfg, opts=["SOLVER.MAX_ITER", "5", "MODEL.SALTNET.NUM_CLASS", "3"])
+    message = str(info.value)
+    assert message.startswith("Unknown config key 'MODEL.SALTNET.NUM_CLASS'")
+    assert "(from the command line)" in message
+    assert "Did you mean: MODEL.SALTNET.NUM_CLASSES" in message
+    assert info.value.suggestions[0] == "MODEL.SALTNET.NUM_CLASSES"
+    # Both a ValueError and (like yacs' error for a file) a KeyError.
+    assert isinstance(info.value, ValueError) and isinstance(info.value, KeyError)
+    # A key at the wrong place: the same name elsewhere; a misspelt node: the node fixed.
+    with pytest.raises(KeyError, match="Did you mean: MODEL.SALTNET.NUM_CLASSES"):
+        merge_config(cfg, opts=["MODEL.NUM_CLASSES", "3"])
+    with pytest.raises(KeyError, match="Did you mean: MODEL.DEVICE[?]"):
+        merge_config(cfg, opts=["MODLE.DEVICE", "cpu"])
+
+
+def test_unknown_key_without_close_match_lists_the_valid_keys():
+    with pytest.raises(UnknownConfigKeyError) as info:
+        merge_config(get_saltnet_cfg(), opts=["MODEL.SALTNET.ZZZZZZZZ", "1"])
+    assert "Valid keys at MODEL.SALTNET: " in str(info.value)
+    assert "SDR_MODE" in str(info.value) and "NUM_CLASSES" in str(info.value)
+
+
+def test_unknown_key_in_file_names_the_file(tmp_path):
+    config = write(tmp_path / "bad.yaml", "MODEL:\n  SALTNET:\n    NUM_CLASS: 3\n")
+    with pytest.raises(UnknownConfigKeyError) as info:
+        merge_config(get_saltnet_cfg(), config)
+    message = str(info.value)
+    assert f"Unknown config key 'MODEL.SALTNET.NUM_CLASS' (from config file {config!r})" in message
+    assert "Did you mean: MODEL.SALTNET.NUM_CLASSES" in message
+
+
+def test_unknown_key_in_base_file_names_the_base_file(tmp_path):
+    base = write(tmp_path / "base.yaml", "MODEL:\n  SALTNET:\n    SDR_MOD: gt\n")
+    child = write(tmp_path / "child.yaml", '_BASE_: "base.yaml"\nSOLVER:\n  MAX_ITER: 5\n')
+    with pytest.raises(UnknownConfigKeyError) as info:
+        merge_config(get_saltnet_cfg(), child)
+    message = str(info.value)
+    assert f"(from config file {base!r}, a _BASE_ of {child!r})" in message
+    assert "Did you mean: MODEL.SALTNET.SDR_MODE" in message
+
+
+def test_type_mismatch_names_key_and_source(tmp_path):
+    with pytest.raises(ConfigError, match="SOLVER.MAX_ITER .from the command line.$"):
+        merge_config(get_saltnet_cfg(), opts=["SOLVER.MAX_ITER", "many"])
+    config = write(tmp_path / "bad.yaml", "MODEL:\n  SALTNET:\n    REG_MAX: sixteen\n")
+    with pytest.raises(ConfigError) as info:
+        merge_config(get_saltnet_cfg(), config)
+    assert "Type mismatch" in str(info.value)
+    assert f"MODEL.SALTNET.REG_MAX (in config file {config!r})" in str(info.value)
+
+
+def test_odd_number_of_overrides():
+    with pytest.raises(ConfigError, match="odd number.*'SOLVER.BASE_LR'"):
+        merge_config(get_saltnet_cfg(), opts=["SOLVER.MAX_ITER", "5", "SOLVER.BASE_LR"])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no_such.yaml"):
+        merge_config(get_saltnet_cfg(), str(tmp_path / "no_such.yaml"))
+
+
+def test_valid_file_and_overrides_merge(tmp_path):
+    base = write(tmp_path / "base.yaml", "MODEL:\n  SALTNET:\n    NUM_CLASSES: 7\n")
+    child = write(tmp_path / "child.yaml", '_BASE_: "base.yaml"\nSOLVER:\n  MAX_ITER: 5\n')
+    assert base
+    cfg = merge_config(saltnet_cfg(), child, ["MODEL.SALTNET.SDR_MODE", "gt"])
+    assert (cfg.MODEL.SALTNET.NUM_CLASSES, cfg.SOLVER.MAX_ITER) == (7, 5)
+    assert cfg.MODEL.SALTNET.SDR_MODE == "gt"
+    assert check_config(cfg) is cfg
+
+
+def test_repository_configs_pass_the_checks():
+    cfg = merge_config(get_saltnet_cfg(), str(REPO_ROOT / QUICK_YAML))
+    check_config(cfg)
+
+
+def test_wrong_backbone_lists_the_registered_backbones():
+    cfg = saltnet_cfg()
+    cfg.MODEL.BACKBONE.NAME = "build_saltnet_resnet_fpn"
+    with pytest.raises(ConfigError) as info:
+        check_config(cfg)
+    message = str(info.value)
+    assert "MODEL.BACKBONE.NAME is 'build_saltnet_resnet_fpn'" in message
+    for name in (
+        "build_saltnet_resnet_fpn_backbone",
+        "build_saltnet_res2net_fpn_backbone",
+        "build_resnet_fpn_backbone",
+    ):
+        assert name in message
+    assert "Did you mean: build_saltnet_resnet_fpn_backbone" in message
+
+
+def test_wrong_meta_architecture():
+    cfg = saltnet_cfg()
+    cfg.MODEL.META_ARCHITECTURE = "SaltNet"
+    with pytest.raises(ValueError, match="MODEL.META_ARCHITECTURE is 'SaltNet'.*SALTNet"):
+        check_config(cfg)
+
+
+def test_bad_saltnet_choices():
+    cfg = saltnet_cfg()
+    cfg.MODEL.SALTNET.SDR_MODE = "distil"
+    with pytest.raises(ConfigError) as info:
+        check_config(cfg)
+    message = str(info.value)
+    assert "MODEL.SALTNET.SDR_MODE is 'distil'" in message
+    assert "none, gt, distill, both" in message and "Did you mean: distill" in message
+
+    cfg = saltnet_cfg()
+    cfg.MODEL.SALTNET.DEFORM_BACKEND = "cuda"
+    cfg.MODEL.SALTNET.NUM_CLASSES = 0
+    cfg.MODEL.SALTNET.IN_FEATURES = []
+    cfg.SOLVER.IMS_PER_BATCH = 0
+    with pytest.raises(ConfigError) as info:
+        check_config(cfg)
+    message = str(info.value)
+    assert "MODEL.SALTNET.DEFORM_BACKEND is 'cuda'" in message
+    assert "torchvision, detectron2" in message
+    assert "MODEL.SALTNET.NUM_CLASSES is 0" in message
+    assert "MODEL.SALTNET.IN_FEATURES is empty" in message
+    assert "SOLVER.IMS_PER_BATCH is 0" in message
+
+
+def test_saltnet_keys_not_checked_for_other_architectures():
+    cfg = get_saltnet_cfg()  # GeneralizedRCNN
+    cfg.MODEL.SALTNET.SDR_MODE = "bogus"
+    check_config(cfg)
+
+
+@pytest.fixture
+def datasets():
+    """Register in-memory datasets with given thing_classes; removed after the test."""
+    names = []
+
+    def register(classes):
+        name = f"test_config_errors_{uuid.uuid4().hex[:8]}"
+        DatasetCatalog.register(name, lambda: [])
+        if classes is not None:
+            MetadataCatalog.get(name).set(thing_classes=list(classes))
+        names.append(name)
+        return name
+
+    yield register
+    for name in names:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
+def test_dataset_with_more_classes_than_model(datasets):
+    cfg = saltnet_cfg()
+    cfg.MODEL.SALTNET.NUM_CLASSES = 2
+    name = datasets(["a", "b", "c"])
+    with pytest.raises(ConfigError) as info:
+        check_num_classes(cfg, [name])
+    message = str(info.value)
+    assert f"Dataset {name!r} has 3 classes ['a', 'b', 'c']" in message
+    assert "MODEL.SALTNET.NUM_CLASSES is 2; set MODEL.SALTNET.NUM_CLASSES 3" in message
+
+
+def test_dataset_with_fewer_classes_warns(datasets, caplog):
+    cfg = saltnet_cfg()
+    cfg.MODEL.SALTNET.NUM_CLASSES = 5
+    name = datasets(["a", "b", "c"])
+    with caplog.at_level(logging.WARNING, logger="saltnet.config_checks"):
+        check_num_classes(cfg, [name])
+    assert f"Dataset {name!r} has 3 classes but MODEL.SALTNET.NUM_CLASSES is 5" in caplog.text
+    caplog.clear()
+    cfg.MODEL.SALTNET.NUM_CLASSES = 3
+    with caplog.at_level(logging.WARNING, logger="saltnet.config_checks"):
+        check_num_classes(cfg, [name, datasets(None)])  # no thing_classes: skipped
+    assert caplog.text == ""
+
+
+def test_datasets_with_different_classes(datasets):
+    cfg = saltnet_cfg()
+    first, second = datasets(["a", "b"]), datasets(["a", "c"])
+    with pytest.raises(ConfigError) as info:
+        check_num_classes(cfg, [first, second])
+    message = str(info.value)
+    assert f"{first!r} has 2 ['a', 'b'] but {second!r} has 2 ['a', 'c']" in message
