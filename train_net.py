@@ -20,22 +20,20 @@ import os
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import (
-    AMPTrainer,
-    SimpleTrainer,
-    default_argument_parser,
-    default_setup,
-    default_writers,
-    hooks,
-    launch,
-)
+from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks, launch
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format, verify_results
 from detectron2.utils import comm
 
 from saltnet.checkpoint import AtomicCheckpointer
 from saltnet.data import register_datasets, register_datasets_from_cfg
-from saltnet.engine import SALTNetTrainer, load_yaml_config
+from saltnet.engine import (
+    SALTNetAMPTrainer,
+    SALTNetSimpleTrainer,
+    SALTNetTrainer,
+    ddp_device_ids,
+    load_yaml_config,
+)
 
 logger = logging.getLogger("detectron2")
 
@@ -50,10 +48,9 @@ def setup(args):
 def register_lazy_datasets(cfg):
     """Register ``cfg.dataloader.register`` and the synthetic splits the loaders name."""
     names = []
-    for split in ("train", "test"):
-        if split in cfg.dataloader and "dataset" in cfg.dataloader[split]:
-            ds_names = cfg.dataloader[split].dataset.get("names", ())
-            names += [ds_names] if isinstance(ds_names, str) else list(ds_names)
+    for loader in (cfg.dataloader.get("train", {}), cfg.dataloader.get("test", {})):
+        ds_names = loader.get("dataset_names") or loader.get("dataset", {}).get("names", ())
+        names += [ds_names] if isinstance(ds_names, str) else list(ds_names)
     register_datasets(
         cfg.dataloader.get("register", ()), names, cfg.dataloader.get("synthetic_root", None)
     )
@@ -78,9 +75,17 @@ def do_train_lazy(args, cfg):
     optim = instantiate(cfg.optimizer)
     train_loader = instantiate(cfg.dataloader.train)
 
-    model = create_ddp_model(model, **cfg.train.ddp)
-    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optim)
-    checkpointer = AtomicCheckpointer(model, cfg.train.output_dir, optimizer=optim, trainer=trainer)
+    model = create_ddp_model(model, device_ids=ddp_device_ids(model), **cfg.train.ddp)
+    trainer_cls = SALTNetAMPTrainer if cfg.train.amp.enabled else SALTNetSimpleTrainer
+    trainer = trainer_cls(model, train_loader, optim)
+    # The sampler's seed travels in the checkpoint, so that --resume continues the same stream.
+    checkpointer = AtomicCheckpointer(
+        model,
+        cfg.train.output_dir,
+        optimizer=optim,
+        trainer=trainer,
+        train_sampler=train_loader.batch_sampler,
+    )
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
@@ -105,6 +110,7 @@ def do_train_lazy(args, cfg):
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     # The checkpoint stores the iteration that just finished: continue at the next one.
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    train_loader.batch_sampler.start_iter = start_iter
     trainer.train(start_iter, cfg.train.max_iter)
 
 
@@ -113,7 +119,8 @@ def main_lazy(args):
     default_setup(cfg, args)
     register_lazy_datasets(cfg)
     if args.eval_only:
-        model = create_ddp_model(instantiate(cfg.model).to(cfg.train.device))
+        model = instantiate(cfg.model).to(cfg.train.device)
+        model = create_ddp_model(model, device_ids=ddp_device_ids(model))
         DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
         return do_test_lazy(cfg, model)
     do_train_lazy(args, cfg)

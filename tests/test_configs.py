@@ -152,5 +152,5 @@ def test_quick_lazy_config_matches_the_quick_yaml():
     shapes = {k: v.shape for k, v in lazy_model.state_dict().items()}
     assert shapes == {k: v.shape for k, v in yaml_model.state_dict().items()}
     assert lazy.train.max_iter == yaml_cfg.SOLVER.MAX_ITER
-    assert lazy.dataloader.train.dataset.names == yaml_cfg.DATASETS.TRAIN[0]
+    assert lazy.dataloader.train.dataset_names == yaml_cfg.DATASETS.TRAIN[0]
     assert lazy.dataloader.test.dataset.names == yaml_cfg.DATASETS.TEST[0]

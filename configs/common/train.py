@@ -5,3 +5,5 @@ from detectron2.model_zoo import get_config
 train = get_config("common/train.py").train
 train.max_iter = 90000
 train.checkpointer.period = 10000
+# Seed of the training stream (and of default_setup's RNGs); -1 draws one (saved in checkpoints).
+train.seed = -1

@@ -1,21 +1,23 @@
-"""COCO 2017 detection: RGB input, shorter side 800 (longer at most 1333), horizontal flip."""
+"""COCO 2017 detection: RGB input, shorter side 800 (longer at most 1333), horizontal flip.
+
+Training goes through SALT-Net's loader (box policy, robust image reading, exact resume); see
+``saltnet/data/loader.py``. ``num_classes`` and ``seed`` come from ``model`` and ``train``.
+"""
 
 import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
-from detectron2.data import (
-    DatasetMapper,
-    build_detection_test_loader,
-    build_detection_train_loader,
-    get_detection_dataset_dicts,
-)
+from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.evaluation import COCOEvaluator
 from omegaconf import OmegaConf
 
+from saltnet.data.loader import build_saltnet_train_loader
+from saltnet.data.mapper import SALTNetDatasetMapper
+
 dataloader = OmegaConf.create()
 
-dataloader.train = L(build_detection_train_loader)(
-    dataset=L(get_detection_dataset_dicts)(names="coco_2017_train"),
-    mapper=L(DatasetMapper)(
+dataloader.train = L(build_saltnet_train_loader)(
+    dataset_names="coco_2017_train",
+    mapper=L(SALTNetDatasetMapper)(
         is_train=True,
         augmentations=[
             L(T.ResizeShortestEdge)(short_edge_length=800, sample_style="choice", max_size=1333),
@@ -24,12 +26,14 @@ dataloader.train = L(build_detection_train_loader)(
         image_format="RGB",
     ),
     total_batch_size=16,
+    num_classes="${model.num_classes}",
     num_workers=4,
+    seed="${train.seed}",
 )
 
 dataloader.test = L(build_detection_test_loader)(
     dataset=L(get_detection_dataset_dicts)(names="coco_2017_val", filter_empty=False),
-    mapper=L(DatasetMapper)(
+    mapper=L(SALTNetDatasetMapper)(
         is_train=False,
         augmentations=[L(T.ResizeShortestEdge)(short_edge_length=800, max_size=1333)],
         image_format="${...train.mapper.image_format}",

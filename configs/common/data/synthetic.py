@@ -2,7 +2,7 @@
 
 from .coco import dataloader
 
-dataloader.train.dataset.names = "saltnet_synth_train"
+dataloader.train.dataset_names = "saltnet_synth_train"
 dataloader.train.mapper.augmentations[0].short_edge_length = 96
 dataloader.train.mapper.augmentations[0].max_size = 96
 dataloader.train.total_batch_size = 8

@@ -6,6 +6,7 @@ each file is written to ``<name>.tmp`` in the same directory, flushed to disk, t
 the target with :func:`os.replace` (atomic on POSIX): readers see the old file or the new one,
 never a partial one. Local filesystems only; other storage falls back to the parent's write.
 """
+
 import os
 
 import torch

@@ -1,32 +1,132 @@
 """Config setup and the :class:`DefaultTrainer` of SALT-Net, shared by ``train_net.py``,
 ``demo/demo.py`` and ``tools/demo_job.py``."""
 
+import logging
+import math
 import os
 import weakref
+from typing import Mapping, Optional
 
+import torch
 from detectron2.config import CfgNode, get_cfg
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from .checkpoint import AtomicCheckpointer
 from .config import add_saltnet_config
+from .config_checks import check_config, check_num_classes, merge_config
 from .data import add_dataset_config
+from .data.loader import build_saltnet_test_loader, build_saltnet_train_loader
+from .data.sampler import ResumableBatchSampler
 
-__all__ = ["SALTNetTrainer", "get_saltnet_cfg", "load_yaml_config"]
+__all__ = [
+    "SALTNetAMPTrainer",
+    "SALTNetSimpleTrainer",
+    "SALTNetTrainer",
+    "ddp_device_ids",
+    "get_saltnet_cfg",
+    "load_yaml_config",
+]
+
+
+def ddp_device_ids(model: torch.nn.Module) -> Optional[list]:
+    """``device_ids`` for DistributedDataParallel: this process's GPU for a CUDA model, None for
+    a CPU model (DDP rejects device ids there; detectron2's ``create_ddp_model`` always passes
+    them)."""
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    return [comm.get_local_rank()] if on_cuda else None
+
+
+class _NamedNonFiniteLoss:
+    """Stops training at a non-finite loss with a FloatingPointError that names the loss terms,
+    the iteration and the rank (detectron2 checks the sum only, on the main process)."""
+
+    def _write_metrics(
+        self,
+        loss_dict: Mapping[str, torch.Tensor],
+        data_time: float,
+        prefix: str = "",
+        iter: Optional[int] = None,
+    ) -> None:
+        iter = self.iter if iter is None else iter
+        if (iter + 1) % self.gather_metric_period:  # detectron2 checks on these iterations only
+            return
+        values = {k: float(v.detach()) for k, v in loss_dict.items()}
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if bad:
+            terms = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+            raise FloatingPointError(
+                f"Non-finite loss {', '.join(bad)} at iteration {iter} on rank {comm.get_rank()} "
+                f"({terms}). Training stopped; the checkpoints already written are intact and "
+                "--resume continues from the last one. Usual causes: a learning rate too high "
+                "for the batch size (SOLVER.BASE_LR, SOLVER.WARMUP_ITERS), or broken input."
+            )
+        super()._write_metrics(loss_dict, data_time, prefix, iter)
+
+
+class SALTNetSimpleTrainer(_NamedNonFiniteLoss, SimpleTrainer):
+    """detectron2's SimpleTrainer with the non-finite loss message of ``_NamedNonFiniteLoss``."""
+
+
+class SALTNetAMPTrainer(_NamedNonFiniteLoss, AMPTrainer):
+    """detectron2's AMPTrainer (gradient overflow skips the step through its GradScaler) with
+    the non-finite loss message of ``_NamedNonFiniteLoss``."""
 
 
 class SALTNetTrainer(DefaultTrainer):
     """detectron2's :class:`DefaultTrainer` (SGD, warm-up + multi-step LR, periodic checkpoints,
-    evaluation, CommonMetricPrinter with ETA, TensorBoard and JSON event files), evaluating every
-    dataset with :class:`COCOEvaluator` (box AP) and writing checkpoints atomically."""
+    evaluation, CommonMetricPrinter with ETA, TensorBoard and JSON event files) with:
 
-    def build_hooks(self):
-        # DefaultTrainer.__init__ builds the hooks last: swap in the atomic checkpointer first, so
-        # that resume_or_load and the PeriodicCheckpointer hook both use it.
+    - the data loaders of :mod:`saltnet.data.loader` (box policy, robust image reading, exact
+      resume: the sampler's seed is checkpointed and it skips to the resumed iteration);
+    - :class:`COCOEvaluator` (box AP) for every test dataset;
+    - atomic checkpoint writes (:class:`AtomicCheckpointer`);
+    - DistributedDataParallel on CPU processes too (gloo);
+    - a non-finite loss named by its term.
+    """
+
+    def __init__(self, cfg: CfgNode):
+        # DefaultTrainer.__init__, except for the DDP device ids, the trainer classes and the
+        # checkpointer (it cannot be configured there).
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, broadcast_buffers=False, device_ids=ddp_device_ids(model))
+        trainer_cls = SALTNetAMPTrainer if cfg.SOLVER.AMP.ENABLED else SALTNetSimpleTrainer
+        self._trainer = trainer_cls(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        sampler = getattr(data_loader, "batch_sampler", None)
+        self.train_sampler = sampler if isinstance(sampler, ResumableBatchSampler) else None
+        extra = {"train_sampler": self.train_sampler} if self.train_sampler else {}
         self.checkpointer = AtomicCheckpointer(
-            self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self), **extra
         )
-        return super().build_hooks()
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    def resume_or_load(self, resume: bool = True) -> None:
+        super().resume_or_load(resume=resume)
+        if self.train_sampler is not None:
+            self.train_sampler.start_iter = self.start_iter
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        loader = build_saltnet_train_loader(cfg)
+        check_num_classes(cfg, cfg.DATASETS.TRAIN)  # after loading: COCO sets the classes then
+        return loader
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_saltnet_test_loader(cfg, dataset_name)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -49,15 +149,12 @@ def get_saltnet_cfg() -> CfgNode:
 
 
 def load_yaml_config(config_file: str, opts=()) -> CfgNode:
-    """A frozen config from a YAML file and ``KEY VALUE`` overrides.
+    """A checked, frozen config from a YAML file and ``KEY VALUE`` overrides.
 
-    Raises FileNotFoundError for a missing file and detectron2's KeyError (naming the key) for a
-    key that does not exist.
+    Raises FileNotFoundError for a missing file and :class:`ConfigError` for an unknown key (with
+    the closest valid keys), a value of the wrong type or an invalid choice (with the choices).
     """
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"Config file {config_file!r} does not exist.")
-    cfg = get_saltnet_cfg()
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    cfg = merge_config(get_saltnet_cfg(), config_file, opts)
+    check_config(cfg)
     cfg.freeze()
     return cfg

@@ -79,12 +79,6 @@ def _check_boxes(dicts: List[Dict], source: str) -> None:
                 raise ValueError(f"{where} has no 'bbox'.")
             if len(box) != 4 or not all(isinstance(v, (int, float)) for v in box):
                 raise ValueError(f"{where} has a malformed bbox {box!r}; expected 4 numbers.")
-            if obj["bbox_mode"] == BoxMode.XYWH_ABS:
-                width, height = box[2], box[3]
-            else:
-                width, height = box[2] - box[0], box[3] - box[1]
-            if width < 0 or height < 0:
-                raise ValueError(f"{where} has a box of negative size: {box!r}.")
 
 
 def load_checked_coco_json(json_file: str, image_root: str, dataset_name: str) -> List[Dict]:

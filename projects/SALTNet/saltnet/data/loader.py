@@ -1,0 +1,174 @@
+"""Training and test data loaders of SALT-Net: checked data, exact resume, robust image reading.
+
+The training loader differs from detectron2's ``build_detection_train_loader`` in three ways:
+the dataset dicts go through the box policy of :mod:`saltnet.data.sanitize`; batches come from
+:class:`ResumableBatchSampler`, and every sample's augmentation RNG is seeded from its place in
+the stream, so that a resumed run continues with exactly the data of an uninterrupted one; an
+image that cannot be read is skipped with a warning naming it (the next image of the dataset
+takes its place) instead of killing a long run.
+"""
+
+import logging
+from typing import Callable, List, Sequence, Tuple, Union
+
+import numpy as np
+from detectron2.config import configurable
+from detectron2.data import (
+    DatasetCatalog,
+    DatasetFromList,
+    MetadataCatalog,
+    build_detection_test_loader,
+)
+from detectron2.data.build import (
+    filter_images_with_only_crowd_annotations,
+    get_detection_dataset_dicts,
+    print_instances_class_histogram,
+    trivial_batch_collator,
+    worker_init_reset_seed,
+)
+from detectron2.utils import comm
+from torch.utils.data import DataLoader, Dataset
+
+from .image_io import ImageReadError
+from .mapper import SALTNetDatasetMapper
+from .sampler import ResumableBatchSampler, aspect_ratio_groups
+from .sanitize import check_image_files, sanitize_dataset_dicts
+
+__all__ = [
+    "SeededMapDataset",
+    "build_saltnet_test_loader",
+    "build_saltnet_train_loader",
+    "load_train_dataset_dicts",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class SeededMapDataset(Dataset):
+    """``mapper(dataset_dicts[index])`` for keys ``(index, sample_seed)``, with numpy's global
+    RNG (which detectron2's augmentations draw from) seeded by ``sample_seed`` during the call
+    and restored afterwards. An :class:`ImageReadError` is logged and the next image is mapped
+    instead, up to ``max_skips`` times in a row."""
+
+    def __init__(self, dataset_dicts: Sequence[dict], mapper: Callable, max_skips: int = 10):
+        # Serialised once, so that workers share it instead of copying it on access.
+        self.dataset_dicts = DatasetFromList(list(dataset_dicts), copy=False, serialize=True)
+        self.mapper = mapper
+        self.max_skips = max_skips
+
+    def __len__(self) -> int:
+        return len(self.dataset_dicts)
+
+    def _map_seeded(self, index: int, seed: int) -> dict:
+        state = np.random.get_state()
+        np.random.seed(seed)
+        try:
+            return self.mapper(self.dataset_dicts[index])
+        finally:
+            np.random.set_state(state)
+
+    def __getitem__(self, key: Tuple[int, int]) -> dict:
+        index, seed = key
+        for skip in range(self.max_skips + 1):
+            try:
+                return self._map_seeded((index + skip) % len(self), seed)
+            except ImageReadError as e:
+                logger.warning(f"Skipping an unreadable training image: {e}")
+                error = e
+        raise RuntimeError(
+            f"{self.max_skips + 1} images in a row could not be read (last: {error}); "
+            "check the dataset's image files."
+        )
+
+
+def load_train_dataset_dicts(
+    dataset_names: Union[str, Sequence[str]], num_classes: int, filter_empty: bool = True
+) -> List[dict]:
+    """The dicts of all ``dataset_names``, checked and fixed by :mod:`saltnet.data.sanitize`.
+
+    Raises KeyError (listing the registered names) for an unknown dataset, FileNotFoundError for
+    missing image files and ValueError for an empty dataset, a dataset whose images all lack
+    boxes (with ``filter_empty``), and annotations that break the box policy.
+    """
+    names = [dataset_names] if isinstance(dataset_names, str) else list(dataset_names)
+    if not names:
+        raise ValueError("No training dataset given (DATASETS.TRAIN is empty).")
+    dataset_dicts = []
+    for name in names:
+        dicts = DatasetCatalog.get(name)
+        if not dicts:
+            raise ValueError(f"Dataset {name!r} has no images.")
+        check_image_files(dicts, name)
+        dataset_dicts += sanitize_dataset_dicts(dicts, num_classes, name)
+    if filter_empty:
+        dataset_dicts = filter_images_with_only_crowd_annotations(dataset_dicts)
+    if not dataset_dicts:
+        raise ValueError(f"Datasets {names} have no image with a usable box.")
+    class_names = MetadataCatalog.get(names[0]).get("thing_classes")
+    if class_names:
+        print_instances_class_histogram(dataset_dicts, class_names)
+    return dataset_dicts
+
+
+def _train_loader_from_config(cfg, mapper=None):
+    return {
+        "dataset_names": cfg.DATASETS.TRAIN,
+        "mapper": mapper if mapper is not None else SALTNetDatasetMapper(cfg, is_train=True),
+        "total_batch_size": cfg.SOLVER.IMS_PER_BATCH,
+        "num_classes": cfg.MODEL.SALTNET.NUM_CLASSES,
+        "aspect_ratio_grouping": cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+        "filter_empty": cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+        "num_workers": cfg.DATALOADER.NUM_WORKERS,
+        "seed": cfg.SEED,
+    }
+
+
+@configurable(from_config=_train_loader_from_config)
+def build_saltnet_train_loader(
+    dataset_names: Union[str, Sequence[str]],
+    mapper: Callable,
+    total_batch_size: int,
+    num_classes: int,
+    *,
+    aspect_ratio_grouping: bool = True,
+    filter_empty: bool = True,
+    num_workers: int = 0,
+    seed=None,
+) -> DataLoader:
+    """An infinite loader of lists of mapped dicts (``total_batch_size / world_size`` per rank).
+
+    ``loader.batch_sampler`` is the :class:`ResumableBatchSampler`: set its ``start_iter`` when
+    resuming and checkpoint it (its state is the seed; None or negative draws one).
+    """
+    world_size = comm.get_world_size()
+    if total_batch_size % world_size:
+        raise ValueError(
+            f"Total batch size ({total_batch_size}) must be divisible by the number of "
+            f"processes ({world_size})."
+        )
+    dataset_dicts = load_train_dataset_dicts(dataset_names, num_classes, filter_empty)
+    groups = (
+        aspect_ratio_groups(dataset_dicts) if aspect_ratio_grouping else [0] * len(dataset_dicts)
+    )
+    seed = None if seed is None or seed < 0 else seed
+    sampler = ResumableBatchSampler(groups, total_batch_size // world_size, seed=seed)
+    logger.info(f"Training stream seed: {sampler.seed} ({len(dataset_dicts)} images).")
+    return DataLoader(
+        SeededMapDataset(dataset_dicts, mapper),
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=trivial_batch_collator,
+        worker_init_fn=worker_init_reset_seed,
+    )
+
+
+def build_saltnet_test_loader(cfg, dataset_name: str) -> DataLoader:
+    """detectron2's test loader (batch 1, every image once across ranks) with
+    :class:`SALTNetDatasetMapper`, after checking that every image file exists."""
+    dataset_dicts = get_detection_dataset_dicts([dataset_name], filter_empty=False)
+    check_image_files(dataset_dicts, dataset_name)
+    return build_detection_test_loader(
+        dataset_dicts,
+        mapper=SALTNetDatasetMapper(cfg, is_train=False),
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
+    )

@@ -1,0 +1,112 @@
+"""The box policy of SALT-Net training data: what is fixed up (with a warning) and what stops.
+
+Applied to the dataset dicts of ``DATASETS.TRAIN`` before training (README "Robustness"):
+
+- an image file that does not exist: stop, listing the missing files;
+- a box that is not 4 finite numbers, or a ``category_id`` outside ``[0, num_classes)``: stop,
+  naming the file and the annotation;
+- a box with inverted corners (x1 < x0 or y1 < y0, XYXY pixels): dropped;
+- a box partly outside the image: clipped to the image;
+- a box with less than ``min_size`` pixels of width or height after clipping (zero-area or
+  outside the image): dropped.
+
+Dropped and clipped boxes are counted and logged once per dataset with an example each. Crowd
+boxes (``iscrowd=1``, ignored in training) are checked but never changed.
+"""
+
+import logging
+import math
+import numbers
+import os
+from collections import Counter
+from typing import Dict, List, Sequence
+
+from detectron2.structures import BoxMode
+
+__all__ = ["check_image_files", "sanitize_dataset_dicts"]
+
+logger = logging.getLogger(__name__)
+
+
+def _describe(record: dict, k: int, obj: dict) -> str:
+    ann = f"annotation id {obj['id']}" if "id" in obj else f"annotation #{k}"
+    return f"{ann} of image {record['file_name']!r}"
+
+
+def check_image_files(dataset_dicts: Sequence[dict], dataset_name: str = "") -> None:
+    """Raise FileNotFoundError listing (up to 5 of) the image files that do not exist."""
+    missing = [d["file_name"] for d in dataset_dicts if not os.path.isfile(d["file_name"])]
+    if missing:
+        shown = "\n  ".join(missing[:5])
+        more = f"\n  ... and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise FileNotFoundError(
+            f"Dataset {dataset_name!r}: {len(missing)} of {len(dataset_dicts)} image files do "
+            f"not exist:\n  {shown}{more}"
+        )
+
+
+def _sanitize_box(record: dict, k: int, obj: dict, num_classes: int, min_size: float):
+    """(box XYXY pixels or None if dropped, what happened) of one annotation; raises on bad data."""
+    category = obj.get("category_id")
+    if not isinstance(category, numbers.Integral) or not 0 <= category < num_classes:
+        raise ValueError(
+            f"{_describe(record, k, obj)} has category_id={category!r}; the model has "
+            f"MODEL.SALTNET.NUM_CLASSES={num_classes} (valid ids: 0..{num_classes - 1})."
+        )
+    box = obj.get("bbox")
+    if box is None or len(box) != 4 or not all(math.isfinite(float(v)) for v in box):
+        raise ValueError(f"{_describe(record, k, obj)} has a malformed bbox {box!r}.")
+    x0, y0, x1, y1 = BoxMode.convert(list(map(float, box)), obj["bbox_mode"], BoxMode.XYXY_ABS)
+    if obj.get("iscrowd", 0):
+        return [x0, y0, x1, y1], "kept"
+    if x1 < x0 or y1 < y0:
+        return None, "inverted"
+    if "width" in record and "height" in record:
+        w, h = record["width"], record["height"]
+        clipped = [min(max(x0, 0.0), w), min(max(y0, 0.0), h), min(max(x1, 0.0), w)]
+        clipped.append(min(max(y1, 0.0), h))
+        what = "clipped" if clipped != [x0, y0, x1, y1] else "kept"
+        x0, y0, x1, y1 = clipped
+    else:
+        what = "kept"
+    if x1 - x0 < min_size or y1 - y0 < min_size:
+        return None, "degenerate"
+    return [x0, y0, x1, y1], what
+
+
+def sanitize_dataset_dicts(
+    dataset_dicts: Sequence[dict], num_classes: int, dataset_name: str = "", min_size: float = 1.0
+) -> List[dict]:
+    """Apply the policy of the module doc; returns new dicts (the input is not modified).
+
+    Boxes come back in ``BoxMode.XYXY_ABS`` (pixels). Raises ValueError naming the image and the
+    annotation for malformed boxes and unknown category ids.
+    """
+    counts: Counter = Counter()
+    examples: Dict[str, str] = {}
+    result = []
+    for record in dataset_dicts:
+        if "annotations" not in record:
+            result.append(record)
+            continue
+        annotations = []
+        for k, obj in enumerate(record["annotations"]):
+            box, what = _sanitize_box(record, k, obj, num_classes, min_size)
+            counts[what] += 1
+            examples.setdefault(what, _describe(record, k, obj))
+            if box is not None:
+                annotations.append(dict(obj, bbox=box, bbox_mode=BoxMode.XYXY_ABS))
+        result.append(dict(record, annotations=annotations))
+    reasons = {
+        "inverted": "dropped {} boxes with inverted corners",
+        "degenerate": "dropped {} boxes narrower or lower than {} px (after clipping)",
+        "clipped": "clipped {} boxes to the image",
+    }
+    for what, message in reasons.items():
+        if counts[what]:
+            logger.warning(
+                f"Dataset {dataset_name!r}: "
+                + message.format(counts[what], min_size)
+                + f", e.g. {examples[what]}."
+            )
+    return result
