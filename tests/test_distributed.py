@@ -1,0 +1,94 @@
+"""Two CPU processes (gloo) through detectron2's ``launch``: training, evaluation and loss
+normalisation reduced across workers."""
+
+import re
+import socket
+
+import pytest
+import torch
+from conftest import QUICK_YAML, TINY_OPTS
+from detectron2.engine import launch
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from detectron2.utils import comm
+from detectron2.utils.events import EventStorage
+
+from saltnet.engine import load_yaml_config
+
+# detectron2's launch uses NCCL (one process per GPU) whenever CUDA is available.
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU (gloo) processes only")
+
+
+def _free_dist_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def _model():
+    # FrozenBN: a batch-statistics BN would make one 2-image batch differ from two 1-image ones.
+    torch.manual_seed(0)
+    model = build_model(load_yaml_config(QUICK_YAML, ["MODEL.RESNETS.NORM", "FrozenBN"]))
+    return model.train()
+
+
+def _inputs():
+    """Two 64 x 64 images: one with two boxes, one without any."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = []
+    for boxes in ([[4.0, 6.0, 40.0, 30.0], [20.0, 20.0, 60.0, 62.0]], []):
+        instances = Instances((64, 64))
+        instances.gt_boxes = Boxes(torch.tensor(boxes).reshape(-1, 4))
+        instances.gt_classes = torch.arange(len(boxes))
+        image = torch.randint(0, 255, (3, 64, 64), generator=generator, dtype=torch.uint8)
+        inputs.append({"image": image, "instances": instances})
+    return inputs
+
+
+def _losses(model, inputs):
+    with EventStorage():
+        return {k: v.detach() for k, v in model(inputs).items()}
+
+
+def _rank_losses(out_dir):
+    torch.set_num_threads(1)
+    rank = comm.get_rank()
+    losses = _losses(_model(), _inputs()[rank : rank + 1])
+    torch.save(losses, f"{out_dir}/losses_{rank}.pth")
+
+
+def test_loss_normalisation_is_reduced_across_workers(tmp_path):
+    launch(_rank_losses, 2, dist_url=_free_dist_url(), args=(str(tmp_path),))
+    per_rank = [torch.load(tmp_path / f"losses_{r}.pth") for r in (0, 1)]
+    # DDP averages gradients over ranks, so the mean of the ranks' losses must equal the loss of
+    # one process seeing both images: the normalisers (positives, quality weights) are global.
+    together = _losses(_model(), _inputs())
+    assert set(per_rank[0]) == set(together)
+    for name, value in together.items():
+        mean = (per_rank[0][name] + per_rank[1][name]) / 2
+        assert mean.item() == pytest.approx(value.item(), rel=1e-4, abs=1e-6), name
+    # Rank 1 has no box: without the reduction its box losses would be normalised by 1.
+    assert per_rank[1]["loss_giou"] == 0 and per_rank[0]["loss_giou"] > 0
+
+
+def test_two_process_training_and_evaluation(run_tool, tmp_path):
+    opts = TINY_OPTS + ["SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "100"]
+    proc = run_tool(
+        "train_net.py",
+        "--config-file",
+        QUICK_YAML,
+        "--num-gpus",
+        "2",
+        "--dist-url",
+        _free_dist_url(),
+        *opts,
+        "OUTPUT_DIR",
+        tmp_path,
+        timeout=600,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "World size: 2" in log
+    assert re.search(r"iter: 3 .*total_loss: \d", log), log[-4000:]
+    assert "Evaluation results for bbox" in log
+    assert (tmp_path / "model_final.pth").is_file()
