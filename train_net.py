@@ -18,7 +18,6 @@ Datasets besides detectron2's builtin ones are registered from the config: ``DAT
 import logging
 import os
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks, launch
 from detectron2.engine.defaults import create_ddp_model
@@ -121,7 +120,7 @@ def main_lazy(args):
     if args.eval_only:
         model = instantiate(cfg.model).to(cfg.train.device)
         model = create_ddp_model(model, device_ids=ddp_device_ids(model))
-        DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+        AtomicCheckpointer(model).load(cfg.train.init_checkpoint)
         return do_test_lazy(cfg, model)
     do_train_lazy(args, cfg)
 
@@ -136,7 +135,7 @@ def main(args):
 
     if args.eval_only:
         model = SALTNetTrainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = SALTNetTrainer.test(cfg, model)

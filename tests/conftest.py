@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from detectron2.structures import Boxes, Instances
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUICK_YAML = "configs/quick_schedule/salt_R_18_synthetic.yaml"
@@ -75,3 +77,16 @@ def quick_train(run_tool, tmp_path_factory):
     out = tmp_path_factory.mktemp("quick_train")
     proc = run_tool("train_net.py", "--config-file", QUICK_YAML, *TINY_OPTS, "OUTPUT_DIR", out)
     return out, proc
+
+
+def two_image_batch():
+    """Model inputs: two 64 x 64 training images, one with two boxes, one without any."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = []
+    for boxes in ([[4.0, 6.0, 40.0, 30.0], [20.0, 20.0, 60.0, 62.0]], []):
+        instances = Instances((64, 64))
+        instances.gt_boxes = Boxes(torch.tensor(boxes).reshape(-1, 4))
+        instances.gt_classes = torch.arange(len(boxes))
+        image = torch.randint(0, 255, (3, 64, 64), generator=generator, dtype=torch.uint8)
+        inputs.append({"image": image, "instances": instances})
+    return inputs

@@ -1,4 +1,5 @@
 """AtomicCheckpointer: an interrupted save never destroys the last good checkpoint."""
+
 import os
 
 import pytest
@@ -89,3 +90,33 @@ def test_finetuning_with_another_class_count_drops_only_the_classifier(tmp_path,
     }
     assert skipped == {"head.cls_score.weight", "head.cls_score.bias"}
     assert "head.cls_score.weight" in caplog.text and "incompatible shapes" in caplog.text
+
+
+def test_checkpoint_of_another_architecture_loads_what_fits_or_is_refused(tmp_path, caplog):
+    from detectron2.modeling import build_model
+    from test_model import tiny_cfg
+
+    from saltnet.checkpoint import CheckpointMismatchError
+
+    model = build_model(tiny_cfg())
+    state = model.state_dict()
+    # Same backbone, another head (as a RetinaNet or FCOS checkpoint): the backbone loads, the
+    # head keys are named in the log and keep their initialisation.
+    other_head = {k.replace("head.", "other_head."): v + 1 for k, v in state.items()}
+    torch.save({"model": other_head}, tmp_path / "other_head.pth")
+    target = build_model(tiny_cfg())
+    head_before = target.head.cls_score.weight.clone()
+    with caplog.at_level("WARNING"):
+        AtomicCheckpointer(target).load(str(tmp_path / "other_head.pth"))
+    assert torch.equal(target.head.cls_score.weight, head_before)
+    name = next(k for k in state if k.startswith("backbone."))
+    assert torch.equal(target.state_dict()[name], state[name] + 1)
+    assert "head.cls_score" in caplog.text and "other_head" in caplog.text
+
+    # Nothing fits (an unconverted or unrelated file): refused, naming the file and the tools.
+    torch.save({"model": {"conv1.weight": torch.zeros(1)}}, tmp_path / "unrelated.pth")
+    with pytest.raises(
+        CheckpointMismatchError, match="unrelated.pth.*none of its 1 tensors fits"
+    ) as e:
+        AtomicCheckpointer(build_model(tiny_cfg())).load(str(tmp_path / "unrelated.pth"))
+    assert "convert_backbone_weights.py" in str(e.value)

@@ -6,10 +6,9 @@ import socket
 
 import pytest
 import torch
-from conftest import QUICK_YAML, TINY_OPTS
+from conftest import QUICK_YAML, TINY_OPTS, two_image_batch
 from detectron2.engine import launch
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances
 from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
 
@@ -32,19 +31,6 @@ def _model():
     return model.train()
 
 
-def _inputs():
-    """Two 64 x 64 images: one with two boxes, one without any."""
-    generator = torch.Generator().manual_seed(0)
-    inputs = []
-    for boxes in ([[4.0, 6.0, 40.0, 30.0], [20.0, 20.0, 60.0, 62.0]], []):
-        instances = Instances((64, 64))
-        instances.gt_boxes = Boxes(torch.tensor(boxes).reshape(-1, 4))
-        instances.gt_classes = torch.arange(len(boxes))
-        image = torch.randint(0, 255, (3, 64, 64), generator=generator, dtype=torch.uint8)
-        inputs.append({"image": image, "instances": instances})
-    return inputs
-
-
 def _losses(model, inputs):
     with EventStorage():
         return {k: v.detach() for k, v in model(inputs).items()}
@@ -53,7 +39,7 @@ def _losses(model, inputs):
 def _rank_losses(out_dir):
     torch.set_num_threads(1)
     rank = comm.get_rank()
-    losses = _losses(_model(), _inputs()[rank : rank + 1])
+    losses = _losses(_model(), two_image_batch()[rank : rank + 1])
     torch.save(losses, f"{out_dir}/losses_{rank}.pth")
 
 
@@ -62,7 +48,7 @@ def test_loss_normalisation_is_reduced_across_workers(tmp_path):
     per_rank = [torch.load(tmp_path / f"losses_{r}.pth") for r in (0, 1)]
     # DDP averages gradients over ranks, so the mean of the ranks' losses must equal the loss of
     # one process seeing both images: the normalisers (positives, quality weights) are global.
-    together = _losses(_model(), _inputs())
+    together = _losses(_model(), two_image_batch())
     assert set(per_rank[0]) == set(together)
     for name, value in together.items():
         mean = (per_rank[0][name] + per_rank[1][name]) / 2

@@ -1,10 +1,17 @@
-"""A :class:`DetectionCheckpointer` whose files are written atomically.
+"""A :class:`DetectionCheckpointer` whose files are written atomically and which refuses a
+checkpoint that shares no parameter with the model.
 
 fvcore's checkpointer writes ``model_XXXX.pth`` and ``last_checkpoint`` in place, so a crash or a
 kill during the write leaves a truncated file behind (and ``last_checkpoint`` naming it). Here
 each file is written to ``<name>.tmp`` in the same directory, flushed to disk, then renamed over
 the target with :func:`os.replace` (atomic on POSIX): readers see the old file or the new one,
 never a partial one. Local filesystems only; other storage falls back to the parent's write.
+
+Loading keeps detectron2's behaviour for partial matches (fine-tuning from ImageNet weights or
+with another class count: the missing and mismatched keys are logged, the rest is loaded), but a
+checkpoint of which not a single tensor fits the model is almost always the wrong file or an
+unconverted one, so :class:`CheckpointMismatchError` stops there instead of training from
+random weights.
 """
 
 import os
@@ -12,7 +19,11 @@ import os
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-__all__ = ["AtomicCheckpointer"]
+__all__ = ["AtomicCheckpointer", "CheckpointMismatchError"]
+
+
+class CheckpointMismatchError(ValueError):
+    """No tensor of a checkpoint fits the model (another architecture or an unconverted file)."""
 
 
 def _write_atomically(path: str, write, mode: str) -> None:
@@ -30,7 +41,32 @@ def _write_atomically(path: str, write, mode: str) -> None:
 
 
 class AtomicCheckpointer(DetectionCheckpointer):
-    """Same interface and file layout as :class:`DetectionCheckpointer`; atomic writes."""
+    """Same interface and file layout as :class:`DetectionCheckpointer`; atomic writes; raises
+    :class:`CheckpointMismatchError` when no tensor of a loaded checkpoint fits the model."""
+
+    def load(self, path: str, *args, **kwargs):
+        try:
+            return super().load(path, *args, **kwargs)
+        except CheckpointMismatchError as e:
+            self._parsed_url_during_load = None  # DetectionCheckpointer.load resets it on success
+            raise CheckpointMismatchError(f"Checkpoint {path!r}: {e}") from None
+
+    def _load_model(self, checkpoint):
+        checkpoint_keys = sorted(checkpoint.get("model", {}))
+        incompatible = super()._load_model(checkpoint)
+        not_loaded = set(incompatible.missing_keys)
+        not_loaded.update(key for key, *_ in incompatible.incorrect_shapes)
+        # Parameters only: some buffers (e.g. FrozenBN statistics) fill themselves in when missing.
+        model_keys = sorted(name for name, _ in self.model.named_parameters())
+        if model_keys and not set(model_keys) - not_loaded:
+            raise CheckpointMismatchError(
+                f"none of its {len(checkpoint_keys)} tensors fits a parameter of the model (it has "
+                f"e.g. {checkpoint_keys[:3]}, the model expects e.g. {model_keys[:3]}). Is it for "
+                "another architecture? Convert mmdetection SALT-Net checkpoints with "
+                "tools/convert_mmdet_checkpoint.py and backbone weights with "
+                "tools/convert_backbone_weights.py."
+            )
+        return incompatible
 
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:

@@ -14,6 +14,18 @@ from .box_coding import aligned_giou
 __all__ = ["quality_focal_loss", "distribution_focal_loss", "giou_loss"]
 
 
+def _binary_cross_entropy(probs: torch.Tensor, targets: torch.Tensor, eps: float = 1e-12):
+    """Element-wise BCE of probabilities, with each log clamped at ``log(eps)``.
+
+    ``F.binary_cross_entropy`` rejects a NaN probability with an error from inside torch (a
+    device-side assert on CUDA); here it gives a NaN loss, which the trainer then reports by
+    loss name and iteration.
+    """
+    log_p = torch.log(probs.clamp(min=eps))
+    log_not_p = torch.log((1 - probs).clamp(min=eps))
+    return -(targets * log_p + (1 - targets) * log_not_p)
+
+
 def quality_focal_loss(
     pred_scores: torch.Tensor,
     gt_classes: torch.Tensor,
@@ -41,7 +53,7 @@ def quality_focal_loss(
         classes = torch.arange(num_classes, device=pred_scores.device)
         is_target = gt_classes[:, None] == classes[None, :]
         targets = torch.where(is_target, gt_quality.float()[:, None], 0.0)
-        bce = F.binary_cross_entropy(pred_scores, targets, reduction="none")
+        bce = _binary_cross_entropy(pred_scores, targets)
         loss = bce * (targets - pred_scores).abs().pow(beta)
     return loss.sum(dim=1)
 
