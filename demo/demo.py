@@ -18,10 +18,10 @@ import cv2
 import torch
 import tqdm
 from detectron2.data import MetadataCatalog
-from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
 
 from saltnet.data import register_datasets_from_cfg
+from saltnet.data.image_io import read_image
 from saltnet.engine import get_saltnet_cfg
 from saltnet.visualize import SALTVisualizationDemo
 

@@ -1,5 +1,6 @@
 """The speed benchmark's CPU smoke run: it runs end to end and prints its table (no timing
 asserts: speed is measured on the GPU and reported in the README)."""
+
 import json
 import subprocess
 import sys

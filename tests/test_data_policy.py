@@ -13,6 +13,7 @@ from detectron2.structures import Boxes, BoxMode, Instances
 from detectron2.utils.events import EventStorage
 from PIL import Image
 
+from saltnet.data.image_io import ImageReadError
 from saltnet.data.loader import SeededMapDataset, load_train_dataset_dicts
 from saltnet.data.mapper import SALTNetDatasetMapper
 from saltnet.data.sanitize import check_image_files, sanitize_dataset_dicts
@@ -149,6 +150,14 @@ def test_unreadable_training_images_are_skipped_with_a_warning(mapper, tmp_path,
     assert "truncated.jpg" in caplog.text
     with pytest.raises(RuntimeError, match="2 images in a row could not be read"):
         SeededMapDataset(dicts[:1], mapper, max_skips=1)[(0, 1)]
+
+
+def test_unreadable_image_at_evaluation_names_the_file(tmp_path):
+    path = tmp_path / "broken.png"
+    path.write_text("not an image")
+    mapper = SALTNetDatasetMapper(load_yaml_config(QUICK_YAML), is_train=False)
+    with pytest.raises(ImageReadError, match="broken.png"):
+        mapper(_record([], file_name=str(path)))
 
 
 def test_augmentation_depends_only_on_the_sample_seed(mapper, tmp_path):

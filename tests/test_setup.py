@@ -1,4 +1,5 @@
 """`make setup` is idempotent: a second run finds everything and installs nothing, offline."""
+
 import os
 import subprocess
 import sys

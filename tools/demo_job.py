@@ -22,10 +22,10 @@ import cv2
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
-from detectron2.data.detection_utils import read_image
 from detectron2.engine import default_setup
 
 from saltnet.data import register_datasets_from_cfg
+from saltnet.data.image_io import read_image
 from saltnet.engine import SALTNetTrainer, load_yaml_config
 from saltnet.visualize import draw_predictions_and_gt, inference_with_point_sets
 
