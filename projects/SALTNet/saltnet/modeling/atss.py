@@ -58,7 +58,9 @@ def atss_assign(
         start = end
     candidate_idxs = torch.cat(candidate_idxs, dim=0)  # (C, M)
 
-    candidate_ious = ious.gather(0, candidate_idxs)  # (C, M)
+    # float64: when a gt's candidate IoUs are all equal (std 0), float32's mean + std can round
+    # above them and reject every candidate (C * IoU and its mean are exact in float64).
+    candidate_ious = ious.gather(0, candidate_idxs).double()  # (C, M)
     # The std of a single candidate is undefined; use 0 so that the candidate is kept.
     correction = 1 if candidate_idxs.shape[0] > 1 else 0
     iou_thresholds = candidate_ious.mean(dim=0) + candidate_ious.std(dim=0, correction=correction)
