@@ -112,3 +112,26 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(
     replayed.train_sampler.start_iter = 0
     replayed.train()
     assert _differing(replayed, straight) != []
+
+
+def test_lazy_config_resume_reproduces_the_uninterrupted_run(run_tool, tmp_path):
+    config = ["--config-file", "configs/quick_schedule/salt_R_18_synthetic.py"]
+    args = [
+        "train.max_iter=8",
+        "train.checkpointer.period=4",
+        "dataloader.train.total_batch_size=2",
+    ]
+    args += ["dataloader.train.num_workers=0", "dataloader.test.num_workers=0"]
+    args += [f"train.output_dir={tmp_path}"]
+    proc = run_tool("train_net.py", *config, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    straight = torch.load(tmp_path / "model_final.pth", weights_only=False)["model"]
+
+    # As if killed after the checkpoint of iteration 3.
+    (tmp_path / "model_final.pth").unlink()
+    (tmp_path / "last_checkpoint").write_text("model_0000003.pth")
+    proc = run_tool("train_net.py", *config, "--resume", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Starting training from iteration 4" in proc.stdout + proc.stderr
+    resumed = torch.load(tmp_path / "model_final.pth", weights_only=False)["model"]
+    assert [k for k in straight if not torch.equal(straight[k], resumed[k])] == []
