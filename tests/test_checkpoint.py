@@ -120,3 +120,39 @@ def test_checkpoint_of_another_architecture_loads_what_fits_or_is_refused(tmp_pa
     ) as e:
         AtomicCheckpointer(build_model(tiny_cfg())).load(str(tmp_path / "unrelated.pth"))
     assert "convert_backbone_weights.py" in str(e.value)
+
+
+_SAVE_FOREVER = """
+import sys, torch
+from torch import nn
+from saltnet.checkpoint import AtomicCheckpointer
+model = nn.Linear(1000, 2000)  # 8 MB: each save takes a while
+checkpointer = AtomicCheckpointer(model, sys.argv[1])
+for iteration in range(10**9):
+    with torch.no_grad():
+        model.weight.fill_(iteration)
+    checkpointer.save("model_final", iteration=iteration)  # always over the same file
+    print(iteration, flush=True)
+"""
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.013, 0.031, 0.057])
+def test_sigkill_during_saves_leaves_a_loadable_checkpoint(tmp_path, delay):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SAVE_FOREVER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    for _ in range(3):  # a few saves done, the next ones under way
+        proc.stdout.readline()
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    model = nn.Linear(1000, 2000)
+    extra = AtomicCheckpointer(model, str(tmp_path)).resume_or_load("", resume=True)
+    assert extra["iteration"] >= 2
+    assert torch.all(model.weight == extra["iteration"])  # the file is whole and consistent
