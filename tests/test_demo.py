@@ -38,8 +38,11 @@ def test_point_sets_belong_to_the_detections(trained_model):
     assert torch.equal(instances.pred_classes, expected.pred_classes)
     assert instances.reg_points.shape == instances.cls_points.shape == (len(instances), 9, 2)
 
-    strides = torch.tensor(model.strides)[instances.levels].float()
-    anchors = instances.locations.flip(1).float() * strides[:, None] * torch.tensor([1.5, 2.0])
+    strides = torch.tensor(model.strides)[instances.pred_levels].float()
+    padded_width = model.preprocess_image([inputs]).tensor.shape[-1]  # a multiple of all strides
+    widths = torch.tensor([padded_width // s for s in model.strides])[instances.pred_levels]
+    rows, cols = instances.pred_locations // widths, instances.pred_locations % widths
+    anchors = torch.stack([cols, rows], dim=1).float() * strides[:, None] * torch.tensor([1.5, 2])
     reg = instances.reg_points
     # Points 3 / 5 lie on the coarse box's left / right side, 1 / 7 on its top / bottom: the
     # anchor point lies between them.

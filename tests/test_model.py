@@ -197,7 +197,13 @@ def test_inference_returns_instances_in_original_coordinates():
     inst = outputs[0]["instances"]
     assert inst.image_size == (192, 256)
     assert 0 < len(inst) <= 100
-    assert set(inst.get_fields()) == {"pred_boxes", "scores", "pred_classes"}
+    assert set(inst.get_fields()) == {
+        "pred_boxes",
+        "scores",
+        "pred_classes",
+        "pred_levels",
+        "pred_locations",
+    }
     assert (inst.scores >= 0.05).all()
     assert (inst.pred_boxes.tensor[:, 2] <= 256).all() and (
         inst.pred_boxes.tensor[:, 3] <= 192

@@ -1,8 +1,8 @@
 """Visualisation of SALT-Net: detections, ground truth, and SALT's two point sets.
 
-For every detection, :func:`inference_with_point_sets` recovers the FPN level and location it was
-decoded from and attaches the nine regression and nine classification sampling points of that
-location (the SALT operator's deformable-conv sampling positions), in image pixels.
+For every detection, :func:`inference_with_point_sets` attaches the nine regression and nine
+classification sampling points (the SALT operator's deformable-conv sampling positions) of the
+FPN level and location it was decoded from (``pred_levels`` / ``pred_locations``), in pixels.
 """
 
 from typing import Dict, List, Optional, Tuple
@@ -16,9 +16,6 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Instances
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, VisImage, Visualizer
-from torch import Tensor
-
-from .modeling.box_coding import distances_to_boxes, distribution_to_distances
 
 __all__ = [
     "REG_POINT_COLOR",
@@ -27,62 +24,10 @@ __all__ = [
     "draw_point_sets",
     "draw_predictions_and_gt",
     "inference_with_point_sets",
-    "locate_detections",
 ]
 
 REG_POINT_COLOR = (1.0, 0.2, 0.2)  # regression points: red
 CLS_POINT_COLOR = (0.2, 0.5, 1.0)  # classification points: blue
-
-
-def _decode(box_logits: Tensor, ys: Tensor, xs: Tensor, stride: int, reg_max: int, image_size):
-    """Boxes (n, 4) XYXY, clipped, of locations (ys, xs) of one level's (4 (reg_max+1), H, W)."""
-    distances = distribution_to_distances(box_logits[:, ys, xs].t().float(), reg_max)
-    points = torch.stack([xs, ys], dim=1).float() * stride
-    boxes = distances_to_boxes(points, distances * stride)
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, image_size[1])
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, image_size[0])
-    return boxes
-
-
-def locate_detections(
-    instances: Instances,
-    scores: List[Tensor],
-    box_logits: List[Tensor],
-    strides: List[int],
-    reg_max: int,
-) -> Tuple[Tensor, Tensor]:
-    """The level and location each detection of one image was decoded from.
-
-    Args:
-        instances: the model's detections in the network-input frame (before postprocessing).
-        scores, box_logits: per level, this image's head outputs (K, H, W) / (4 (reg_max+1), H, W).
-        strides: per level, pixels.
-
-    Returns:
-        levels (R,) and locations (R, 2) as (row i, column j): the location whose class score
-        equals the detection's score and whose decoded box matches its box best.
-    """
-    levels, locations = [], []
-    for box, cls, score in zip(
-        instances.pred_boxes.tensor, instances.pred_classes, instances.scores
-    ):
-        best = (float("inf"), 0, 0, 0)
-        for level, (s, b, stride) in enumerate(zip(scores, box_logits, strides)):
-            ys, xs = (s[cls] == score).nonzero(as_tuple=True)
-            if len(ys) == 0:
-                continue
-            errors = (_decode(b, ys, xs, stride, reg_max, instances.image_size) - box).abs()
-            error, k = errors.sum(dim=1).min(dim=0)
-            best = min(best, (error.item(), level, ys[k].item(), xs[k].item()))
-        if best[0] == float("inf"):
-            raise RuntimeError("A detection matches no location of the head outputs.")
-        levels.append(best[1])
-        locations.append(best[2:])
-    device = instances.scores.device
-    return (
-        torch.tensor(levels, dtype=torch.long, device=device),
-        torch.tensor(locations, dtype=torch.long, device=device).reshape(-1, 2),
-    )
 
 
 @torch.no_grad()
@@ -90,9 +35,9 @@ def inference_with_point_sets(model, batched_inputs: List[Dict]) -> List[Dict[st
     """Run a :class:`SALTNet` on ``batched_inputs`` (as its ``forward`` in eval mode).
 
     Returns, like the model, ``[{"instances": Instances}]`` in the output frame (``height`` /
-    ``width`` of each input), with extra per-detection fields: ``levels`` (R,), ``locations``
-    (R, 2) (row, column) and ``reg_points`` / ``cls_points`` (R, 9, 2), the SALT point sets as
-    (x, y) pixels of the output frame, in the raster order of a 3x3 kernel.
+    ``width`` of each input), with extra per-detection fields ``reg_points`` / ``cls_points``
+    (R, 9, 2): the SALT point sets as (x, y) pixels of the output frame, in the raster order of
+    a 3x3 kernel.
     """
     if not getattr(model.head, "salt_on", False):
         raise ValueError("The model's head runs without SALT (SALT_ON False): it has no points.")
@@ -105,17 +50,16 @@ def inference_with_point_sets(model, batched_inputs: List[Dict]) -> List[Dict[st
 
     processed = []
     for i, (res, inputs) in enumerate(zip(results, batched_inputs)):
-        levels, locations = locate_detections(
-            res, [s[i] for s in scores], [b[i] for b in box_logits], model.strides, model.reg_max
-        )
-        res.levels, res.locations = levels, locations
         height = inputs.get("height", res.image_size[0])
         width = inputs.get("width", res.image_size[1])
         device = res.scores.device
         scale = torch.tensor([width / res.image_size[1], height / res.image_size[0]], device=device)
         for name, points in (("reg_points", reg_points), ("cls_points", cls_points)):
             xy = torch.zeros(len(res), 9, 2, device=device)
-            for k, (level, (row, col)) in enumerate(zip(levels.tolist(), locations.tolist())):
+            for k, (level, location) in enumerate(
+                zip(res.pred_levels.tolist(), res.pred_locations.tolist())
+            ):
+                row, col = divmod(location, points[level].shape[-1])
                 # (18,) (y, x) pairs in stride units, relative to the anchor point (col, row) x s.
                 yx = points[level][i, :, row, col].float().view(9, 2)
                 anchor = torch.tensor([col, row], device=device)

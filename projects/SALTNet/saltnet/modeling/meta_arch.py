@@ -269,13 +269,16 @@ class SALTNet(DenseDetector):
         for img_idx, image_size in enumerate(images.image_sizes):
             per_level = [
                 self._decode_level(
+                    level,
                     a.get_centers(),
                     stride,
                     permute_to_N_HWA_K(s[img_idx : img_idx + 1], self.num_classes)[0],
                     permute_to_N_HWA_K(b[img_idx : img_idx + 1], 4 * (self.reg_max + 1))[0],
                     image_size,
                 )
-                for a, stride, s, b in zip(anchors, self.strides, scores, box_logits)
+                for level, (a, stride, s, b) in enumerate(
+                    zip(anchors, self.strides, scores, box_logits)
+                )
             ]
             pred = Instances.cat(per_level)
             keep = batched_nms(
@@ -284,10 +287,13 @@ class SALTNet(DenseDetector):
             results.append(pred[keep[: self.max_detections_per_image]])
         return results
 
-    def _decode_level(self, points, stride, scores, box_logits, image_size) -> Instances:
+    def _decode_level(self, level, points, stride, scores, box_logits, image_size) -> Instances:
         """One level of one image: top-k locations by max joint score, then score threshold.
 
-        points (R, 2) pixels; scores (R, K); box_logits (R, 4 x (reg_max + 1)).
+        points (R, 2) pixels; scores (R, K); box_logits (R, 4 x (reg_max + 1)), R = H x W of the
+        level in raster order. Besides boxes, scores and classes, each detection records where it
+        was decoded: ``pred_levels`` (index into ``head_in_features``) and ``pred_locations``
+        (index in 0..R-1, i.e. row x W + column).
         """
         scores = scores.float()
         num_topk = min(self.test_topk_candidates, scores.shape[0])
@@ -303,4 +309,6 @@ class SALTNet(DenseDetector):
             pred_boxes=boxes,
             scores=scores[location_idx, class_idx],
             pred_classes=class_idx,
+            pred_levels=torch.full_like(class_idx, level),
+            pred_locations=top_locations,
         )
