@@ -33,6 +33,7 @@ from saltnet.engine import (
     ddp_device_ids,
     load_yaml_config,
 )
+from saltnet.lazy_overrides import check_lazy_overrides
 
 logger = logging.getLogger("detectron2")
 
@@ -114,7 +115,9 @@ def do_train_lazy(args, cfg):
 
 
 def main_lazy(args):
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    cfg = LazyConfig.load(args.config_file)
+    check_lazy_overrides(cfg, args.opts)  # detectron2 would add a misspelt key silently
+    cfg = LazyConfig.apply_overrides(cfg, args.opts)
     default_setup(cfg, args)
     register_lazy_datasets(cfg)
     if args.eval_only:
