@@ -8,7 +8,7 @@
 4. writes pictures of validation images, detections (with the SALT regression / classification
    points of the top detections, red / blue) next to the ground truth, into ``<output>/vis``.
 
-About 7 minutes on 2 CPU cores (one torch thread, see ``--threads``), AP 34.9 on the validation
+About 7 minutes on 2 CPU cores (one torch thread, see ``--threads``), AP 35.4 on the validation
 split. Extra ``KEY VALUE`` arguments override the config.
 """
 
