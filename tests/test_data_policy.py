@@ -14,7 +14,11 @@ from detectron2.utils.events import EventStorage
 from PIL import Image
 
 from saltnet.data.image_io import ImageReadError
-from saltnet.data.loader import SeededMapDataset, load_train_dataset_dicts
+from saltnet.data.loader import (
+    SeededMapDataset,
+    build_saltnet_train_loader,
+    load_train_dataset_dicts,
+)
 from saltnet.data.mapper import SALTNetDatasetMapper
 from saltnet.data.sanitize import check_image_files, sanitize_dataset_dicts
 from saltnet.engine import load_yaml_config
@@ -214,3 +218,9 @@ def test_training_step_on_odd_images_has_finite_losses_and_gradients(quick_model
     total.backward()
     grads = [p.grad for p in quick_model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_other_training_samplers_are_refused_not_ignored():
+    cfg = load_yaml_config(QUICK_YAML, ["DATALOADER.SAMPLER_TRAIN", "RepeatFactorTrainingSampler"])
+    with pytest.raises(ValueError, match="SAMPLER_TRAIN is 'RepeatFactorTrainingSampler'"):
+        build_saltnet_train_loader(cfg)

@@ -111,6 +111,11 @@ def load_train_dataset_dicts(
 
 
 def _train_loader_from_config(cfg, mapper=None):
+    if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+        raise ValueError(
+            f"DATALOADER.SAMPLER_TRAIN is {cfg.DATALOADER.SAMPLER_TRAIN!r}; SALT-Net's resumable "
+            "training loader samples like 'TrainingSampler' (uniform, shuffled every epoch) only."
+        )
     return {
         "dataset_names": cfg.DATASETS.TRAIN,
         "mapper": mapper if mapper is not None else SALTNetDatasetMapper(cfg, is_train=True),
