@@ -156,3 +156,10 @@ def test_sigkill_during_saves_leaves_a_loadable_checkpoint(tmp_path, delay):
     extra = AtomicCheckpointer(model, str(tmp_path)).resume_or_load("", resume=True)
     assert extra["iteration"] >= 2
     assert torch.all(model.weight == extra["iteration"])  # the file is whole and consistent
+
+
+def test_missing_weights_file_is_named(tmp_path):
+    _, checkpointer = _checkpointer(tmp_path, 1.0)
+    with pytest.raises(FileNotFoundError, match="nope.pth.*does not exist"):
+        checkpointer.load(str(tmp_path / "nope.pth"))
+    assert checkpointer.load("") == {}  # no weights: random initialisation, as detectron2

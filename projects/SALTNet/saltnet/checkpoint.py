@@ -45,6 +45,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
     :class:`CheckpointMismatchError` when no tensor of a loaded checkpoint fits the model."""
 
     def load(self, path: str, *args, **kwargs):
+        if path and "://" not in path and "?" not in path and not os.path.isfile(path):
+            raise FileNotFoundError(f"Checkpoint {path!r} (MODEL.WEIGHTS) does not exist.")
         try:
             return super().load(path, *args, **kwargs)
         except CheckpointMismatchError as e:
