@@ -54,9 +54,10 @@ class _NamedNonFiniteLoss:
         iter = self.iter if iter is None else iter
         if (iter + 1) % self.gather_metric_period:  # detectron2 checks on these iterations only
             return
-        values = {k: float(v.detach()) for k, v in loss_dict.items()}
-        bad = [k for k, v in values.items() if not math.isfinite(v)]
-        if bad:
+        # One host sync for the check; the values are fetched only to write the error.
+        if not torch.isfinite(torch.stack([v.detach().float() for v in loss_dict.values()])).all():
+            values = {k: float(v.detach()) for k, v in loss_dict.items()}
+            bad = [k for k, v in values.items() if not math.isfinite(v)]
             terms = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
             raise FloatingPointError(
                 f"Non-finite loss {', '.join(bad)} at iteration {iter} on rank {comm.get_rank()} "
