@@ -148,13 +148,19 @@ def _all_keys(node: CfgNode, prefix: str = "") -> List[str]:
     return keys
 
 
-def _suggest_keys(cfg: CfgNode, key: str, n: int = 5) -> List[str]:
-    """The valid keys of ``cfg`` closest to the (unknown) dotted ``key``, best first."""
-    parts = key.split(".")
-    # The deepest node on the key's path that exists, and the first name below it that doesn't.
+def _deepest_node(cfg: CfgNode, parts: List[str]) -> Tuple[CfgNode, int]:
+    """The deepest node on the path ``parts`` of a key that exists, and its depth: ``parts[depth]``
+    is the first name below it that is not a node of the config."""
     node, depth = cfg, 0
     while depth < len(parts) - 1 and isinstance(node.get(parts[depth]), CfgNode):
         node, depth = node[parts[depth]], depth + 1
+    return node, depth
+
+
+def _suggest_keys(cfg: CfgNode, key: str, n: int = 5) -> List[str]:
+    """The valid keys of ``cfg`` closest to the (unknown) dotted ``key``, best first."""
+    parts = key.split(".")
+    node, depth = _deepest_node(cfg, parts)
     prefix = ".".join(parts[:depth] + [""])
     suggestions = []
     # 1. A misspelt name at its place: MODEL.SALTNET.NUM_CLASS -> MODEL.SALTNET.NUM_CLASSES.
@@ -180,9 +186,7 @@ def _unknown_key_error(cfg: CfgNode, key: str, source: str) -> UnknownConfigKeyE
         message += " Did you mean: " + ", ".join(suggestions) + "?"
     else:
         parts = key.split(".")
-        node, depth = cfg, 0
-        while depth < len(parts) - 1 and isinstance(node.get(parts[depth]), CfgNode):
-            node, depth = node[parts[depth]], depth + 1
+        node, depth = _deepest_node(cfg, parts)
         where = ".".join(parts[:depth]) or "the top level"
         message += f" Valid keys at {where}: " + ", ".join(sorted(node.keys())) + "."
     return UnknownConfigKeyError(message, key, source, suggestions)

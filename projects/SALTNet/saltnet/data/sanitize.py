@@ -61,14 +61,13 @@ def _sanitize_box(record: dict, k: int, obj: dict, num_classes: int, min_size: f
         return [x0, y0, x1, y1], "kept"
     if x1 < x0 or y1 < y0:
         return None, "inverted"
+    what = "kept"
     if "width" in record and "height" in record:
         w, h = record["width"], record["height"]
-        clipped = [min(max(x0, 0.0), w), min(max(y0, 0.0), h), min(max(x1, 0.0), w)]
-        clipped.append(min(max(y1, 0.0), h))
-        what = "clipped" if clipped != [x0, y0, x1, y1] else "kept"
-        x0, y0, x1, y1 = clipped
-    else:
-        what = "kept"
+        clipped = [min(max(v, 0.0), lim) for v, lim in zip((x0, y0, x1, y1), (w, h, w, h))]
+        if clipped != [x0, y0, x1, y1]:
+            what = "clipped"
+            x0, y0, x1, y1 = clipped
     if x1 - x0 < min_size or y1 - y0 < min_size:
         return None, "degenerate"
     return [x0, y0, x1, y1], what
