@@ -5,7 +5,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import FPN, BasicStem, ResNet
 
 from saltnet.modeling import SALTHead, SALTNet
-from saltnet.modeling.backbone import LastLevelP6P7
+from saltnet.modeling.backbone import P6P7FromP5
 
 model = L(SALTNet)(
     backbone=L(FPN)(
@@ -20,7 +20,7 @@ model = L(SALTNet)(
         out_channels=256,
         norm="",
         # P6 from the FPN's P5 (not from C5), P7 from ReLU(P6).
-        top_block=L(LastLevelP6P7)(channels="${..out_channels}", norm="${..norm}"),
+        top_block=L(P6P7FromP5)(channels="${..out_channels}", norm="${..norm}"),
     ),
     head=L(SALTHead)(
         input_shape=[ShapeSpec(channels=256)] * 5,

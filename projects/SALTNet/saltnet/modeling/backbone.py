@@ -10,15 +10,17 @@ from torch.nn import functional as F
 
 from .resnet import build_saltnet_resnet_backbone
 
-__all__ = ["LastLevelP6P7", "build_p3p7_fpn", "build_saltnet_resnet_fpn_backbone"]
+__all__ = ["P6P7FromP5", "build_p3p7_fpn", "build_saltnet_resnet_fpn_backbone"]
 
 
-class LastLevelP6P7(nn.Module):
+class P6P7FromP5(nn.Module):
     """P6 = conv3x3/2(P5) and P7 = conv3x3/2(ReLU(P6)), each followed by ``norm`` if given.
 
     With ``norm=""`` it holds the same parameters as detectron2's ``LastLevelP6P7`` on P5
     (``p6`` / ``p7`` with bias); with a norm (e.g. "GN") the two convs carry it and no bias,
-    as mmdetection's FPN with ``norm_cfg`` does. (N, C, H, W) -> [P6, P7].
+    as mmdetection's FPN with ``norm_cfg`` does. (N, C, H, W) -> [P6, P7]. Its own name, not
+    detectron2's: the signature (``channels, norm``) differs from ``LastLevelP6P7(in_channels,
+    out_channels, in_feature)``.
     """
 
     def __init__(self, channels: int, norm: str = ""):
@@ -55,7 +57,7 @@ def build_p3p7_fpn(cfg, bottom_up: Backbone) -> FPN:
         in_features=cfg.MODEL.FPN.IN_FEATURES,
         out_channels=out_channels,
         norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelP6P7(out_channels, cfg.MODEL.FPN.NORM),
+        top_block=P6P7FromP5(out_channels, cfg.MODEL.FPN.NORM),
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )
 
