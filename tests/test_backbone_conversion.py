@@ -269,7 +269,7 @@ def test_mmdet_saltnet_r2_dcnx_checkpoint_converts_and_loads_strictly():
     )
     original.update(mmdet_res2net_offsets([3, 4, 6, 3], stages=[2, 3, 4]))
     original.update(mmdet_fpn_gn_and_dcnx_head(num_classes=3))
-    converted = convert_mmdet_saltnet_state_dict(original)
+    converted = convert_mmdet_saltnet_state_dict(original, num_classes=3)
     incompatible = model.load_state_dict(converted, strict=False)
     assert not incompatible.unexpected_keys and not incompatible.missing_keys
     assert "backbone.top_block.p7.norm.weight" in converted

@@ -42,8 +42,9 @@ def original_head_shapes():
     shapes["bbox_head.salt_cls_conv.conv.weight"] = conv
     shapes["bbox_head.salt_reg.weight"] = (4 * (REG_MAX + 1), C, 3, 3)
     shapes["bbox_head.salt_reg.bias"] = (4 * (REG_MAX + 1),)
-    shapes["bbox_head.salt_cls.weight"] = (K, C, 3, 3)
-    shapes["bbox_head.salt_cls.bias"] = (K,)
+    # The release's classifier: K classes + mmdetection's background column.
+    shapes["bbox_head.salt_cls.weight"] = (K + 1, C, 3, 3)
+    shapes["bbox_head.salt_cls.bias"] = (K + 1,)
     for i in range(LEVELS):
         shapes[f"bbox_head.scales_init.{i}.scale"] = ()
         shapes[f"bbox_head.scales.{i}.scale"] = ()
@@ -145,7 +146,7 @@ def prefixed(state):
 
 def test_head_keys_convert_exactly_and_reproduce_original_outputs():
     original = original_head_state_dict()
-    converted = convert_mmdet_saltnet_state_dict(original)
+    converted = convert_mmdet_saltnet_state_dict(original, num_classes=K)
     head = SALTHead(
         input_shape=[ShapeSpec(channels=C, stride=2 ** (3 + i)) for i in range(LEVELS)],
         num_classes=K,
@@ -164,18 +165,23 @@ def test_head_keys_convert_exactly_and_reproduce_original_outputs():
             ref_scores, ref_logits, ref_coarse = original_forward_single(original, x, level)
             torch.testing.assert_close(coarse[level], ref_coarse)
             torch.testing.assert_close(box_logits[level], ref_logits, rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(scores[level], ref_scores, rtol=1e-4, atol=1e-6)
+            # The release's last score column is its background column, dropped at inference.
+            torch.testing.assert_close(scores[level], ref_scores[:, :K], rtol=1e-4, atol=1e-6)
 
 
 def test_unmapped_and_conflicting_keys_fail_loudly():
     original = original_head_state_dict()
     with pytest.raises(UnmappedKeysError, match="bbox_head.salt_mystery.weight"):
-        convert_mmdet_saltnet_state_dict({**original, "bbox_head.salt_mystery.weight": 0})
-    with pytest.raises(ValueError, match="another reg_max"):
-        convert_mmdet_saltnet_state_dict(original, reg_max=8)
-    with pytest.raises(ValueError, match="Two checkpoint keys"):
         convert_mmdet_saltnet_state_dict(
-            {"bbox_head.salt_cls.weight": 0, "module.bbox_head.salt_cls.weight": 0}
+            {**original, "bbox_head.salt_mystery.weight": 0}, num_classes=K
+        )
+    with pytest.raises(ValueError, match="another reg_max"):
+        convert_mmdet_saltnet_state_dict(original, num_classes=K, reg_max=8)
+    with pytest.raises(ValueError, match="Two checkpoint keys"):
+        zeros = torch.zeros(K)
+        convert_mmdet_saltnet_state_dict(
+            {"bbox_head.salt_cls.bias": zeros, "module.bbox_head.salt_cls.bias": zeros},
+            num_classes=K,
         )
 
 
@@ -225,7 +231,7 @@ def test_full_r50_checkpoint_loads_strictly_into_saltnet():
         original[key] = torch.zeros(tuple(256 if d == C else d for d in shape))
     original["bbox_head.integral.project"] = torch.arange(REG_MAX + 1.0)
 
-    converted = convert_mmdet_saltnet_state_dict(original)
+    converted = convert_mmdet_saltnet_state_dict(original, num_classes=K)
     incompatible = model.load_state_dict(converted, strict=False)
     assert not incompatible.unexpected_keys
     assert not incompatible.missing_keys
@@ -236,7 +242,9 @@ def test_command_line_tool(tmp_path):
     torch.save({"state_dict": original_head_state_dict(), "meta": {}}, src)
     tool = str(REPO / "tools" / "convert_mmdet_checkpoint.py")
     done = subprocess.run(
-        [sys.executable, tool, str(src), str(dst)], capture_output=True, text=True
+        [sys.executable, tool, str(src), str(dst), "--num-classes", str(K)],
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr
     assert "converted" in done.stdout

@@ -178,8 +178,9 @@ def test_perfect_predictions_give_zero_box_losses():
     scores = torch.zeros(1, 2, NUM_CLASSES)
     scores[0, 0, 1] = 1.0  # a perfect joint score: IoU target 1
     with EventStorage():
+        valid = torch.ones(1, 2, dtype=torch.bool)
         losses = model.losses(
-            points, strides, scores, logits.flatten(2), distances, gt_classes, gt_boxes
+            points, strides, scores, logits.flatten(2), distances, gt_classes, gt_boxes, valid
         )
     for name in ("loss_qfl", "loss_giou", "loss_dfl", "loss_coarse", "loss_sdr"):
         assert losses[name].item() == pytest.approx(0.0, abs=1e-5), name

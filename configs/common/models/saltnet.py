@@ -4,6 +4,7 @@ from detectron2.config import LazyCall as L
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import FPN, BasicStem, ResNet
 
+from saltnet.layers.batch_norm import resolve_norm
 from saltnet.modeling import SALTHead, SALTNet
 from saltnet.modeling.backbone import P6P7FromP5
 
@@ -11,15 +12,18 @@ model = L(SALTNet)(
     backbone=L(FPN)(
         bottom_up=L(ResNet)(
             stem=L(BasicStem)(in_channels=3, out_channels=64, norm="FrozenBN"),
-            # torchvision-style bottlenecks (stride in the 3x3 conv), as torchvision's weights.
-            stages=L(ResNet.make_default_stages)(depth=50, stride_in_1x1=False, norm="FrozenBN"),
+            # torchvision-style bottlenecks (stride in the 3x3 conv), as torchvision's weights;
+            # the release's BatchNorm: frozen statistics, trained scale and shift (res3-res5).
+            stages=L(ResNet.make_default_stages)(
+                depth=50, stride_in_1x1=False, norm=L(resolve_norm)(norm="FrozenStatsBN")
+            ),
             out_features=["res3", "res4", "res5"],
             freeze_at=2,
         ),
         in_features=["res3", "res4", "res5"],
         out_channels=256,
         norm="",
-        # P6 from the FPN's P5 (not from C5), P7 from ReLU(P6).
+        # P6 from the FPN's P5 (not from C5), P7 from P6 (no ReLU, as the release).
         top_block=L(P6P7FromP5)(channels="${..out_channels}", norm="${..norm}"),
     ),
     head=L(SALTHead)(
@@ -46,7 +50,7 @@ model = L(SALTNet)(
     loss_giou_weight=2.0,
     loss_dfl_weight=0.25,
     loss_coarse_weight=1.0,
-    sdr_mode="both",
+    sdr_mode="gt",
     sdr_weight=1.0,
     test_topk_candidates=1000,
     test_score_thresh=0.05,

@@ -11,7 +11,10 @@ Loading keeps detectron2's behaviour for partial matches (fine-tuning from Image
 with another class count: the missing and mismatched keys are logged, the rest is loaded), but a
 checkpoint of which not a single tensor fits the model is almost always the wrong file or an
 unconverted one, so :class:`CheckpointMismatchError` stops there instead of training from
-random weights.
+random weights. A file written by ``tools/convert_mmdet_checkpoint.py`` (the authors' release)
+must fill the head and the neck completely: a tensor there that is missing or skipped for its
+shape (another class count, ``REG_MAX`` or FPN width) is an error naming the tensors, since the
+converted detector would silently differ from the release.
 """
 
 import os
@@ -19,11 +22,30 @@ import os
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from .convert import RELEASE_CHECKPOINT_AUTHOR
+
 __all__ = ["AtomicCheckpointer", "CheckpointMismatchError"]
 
 
 class CheckpointMismatchError(ValueError):
-    """No tensor of a checkpoint fits the model (another architecture or an unconverted file)."""
+    """No tensor of a checkpoint fits the model (another architecture or an unconverted file),
+    or a converted release checkpoint does not fill the model's head and neck."""
+
+
+# Parameter names of the head and the FPN neck (laterals, outputs, P6/P7).
+_HEAD_AND_NECK = ("head.", "backbone.fpn_", "backbone.top_block.")
+
+
+def _check_release_checkpoint_complete(not_loaded) -> None:
+    """Raise if a converted release checkpoint left a head or neck tensor of the model unset."""
+    skipped = sorted(k for k in not_loaded if k.startswith(_HEAD_AND_NECK))
+    if skipped:
+        raise CheckpointMismatchError(
+            f"it is a converted release checkpoint, but the model's head/neck tensors {skipped} "
+            "did not load (missing or another shape: check MODEL.SALTNET.NUM_CLASSES, REG_MAX "
+            "and MODEL.FPN.OUT_CHANNELS against the checkpoint). To fine-tune it with another "
+            "class count, convert it again with tools/convert_mmdet_checkpoint.py --finetune."
+        )
 
 
 def _write_atomically(path: str, write, mode: str) -> None:
@@ -58,6 +80,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
         incompatible = super()._load_model(checkpoint)
         not_loaded = set(incompatible.missing_keys)
         not_loaded.update(key for key, *_ in incompatible.incorrect_shapes)
+        if checkpoint.get("__author__") == RELEASE_CHECKPOINT_AUTHOR:
+            _check_release_checkpoint_complete(not_loaded)
         # Parameters only: some buffers (e.g. FrozenBN statistics) fill themselves in when missing.
         model_keys = sorted(name for name, _ in self.model.named_parameters())
         if model_keys and not set(model_keys) - not_loaded:

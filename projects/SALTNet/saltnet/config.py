@@ -45,10 +45,10 @@ def add_saltnet_config(cfg):
     node.LOSS_COARSE_WEIGHT = 1.0
     # Supervision of the coarse box (SALT_ON only), with the self-distillation regression (SDR):
     #   "none":    no direct loss on the coarse box,
-    #   "gt":      GIoU against the ground truth (what the authors' release trains),
+    #   "gt":      GIoU against the ground truth (what the authors' release trains; the default),
     #   "distill": GIoU against the refined box (detached), weighted by the refined box's IoU,
-    #   "both":    "gt" + "distill".
-    node.SDR_MODE = "both"
+    #   "both":    "gt" + "distill" ("distill" and "both" are this project's extensions).
+    node.SDR_MODE = "gt"
     node.SDR_WEIGHT = 1.0
     # Inference.
     node.TOPK_CANDIDATES_TEST = 1000

@@ -5,8 +5,14 @@ of :class:`saltnet.SALTNet` and raises on any key it cannot place: the backbone 
 with mmcv DCN offsets, for ``build_saltnet_resnet_fpn_backbone``; or Res2Net, recognised by its
 deep stem, for ``build_saltnet_res2net_fpn_backbone``), the FPN neck (with or without GN) and the
 SALT head (with or without the "dcnx" modulated deformable last tower convs).
+
+The release's classifier ``bbox_head.salt_cls`` has ``num_classes + 1`` outputs: its configs use
+``QualityFocalLoss(use_sigmoid=False)``, for which mmdetection's ``AnchorHead`` adds a background
+column, trained towards 0 and dropped at inference. The converter keeps the first
+``num_classes`` rows (weight and bias) and refuses any other classifier shape.
 """
 
+import logging
 import re
 from collections import OrderedDict
 from typing import Dict, List, Set, Tuple
@@ -21,7 +27,12 @@ from .convert_backbone import (
     rename_backbone_key,
 )
 
-__all__ = ["convert_mmdet_saltnet_state_dict", "UnmappedKeysError"]
+__all__ = [
+    "ClassifierShapeError",
+    "RELEASE_CHECKPOINT_AUTHOR",
+    "UnmappedKeysError",
+    "convert_mmdet_saltnet_state_dict",
+]
 
 
 # (pattern, replacement) pairs tried in order; the first match wins.
@@ -72,6 +83,39 @@ _NECK_RULES: List[Tuple[str, str]] = [
 # Keys that carry no learned state in our model: checked, then dropped.
 _DROPPED = (r"bbox_head\.integral\.project", r".*\.num_batches_tracked")
 
+logger = logging.getLogger(__name__)
+
+_CLASSIFIER = re.compile(r"bbox_head\.salt_cls\.(weight|bias)")
+
+# ``checkpoint["__author__"]`` of a converted file. :class:`saltnet.checkpoint.AtomicCheckpointer`
+# refuses to load such a file into a model whose head or neck does not take every tensor.
+RELEASE_CHECKPOINT_AUTHOR = "mmdetection SALT-Net release"
+
+
+class ClassifierShapeError(ValueError):
+    """The release's classifier has neither ``num_classes`` nor ``num_classes + 1`` outputs."""
+
+
+def _drop_background_column(key: str, value: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The first ``num_classes`` rows of the release's (K + 1)-row ``salt_cls`` weight / bias."""
+    rows = value.shape[0] if value.dim() else 0
+    if rows == num_classes + 1:
+        logger.info(
+            "%s: kept the first %d of %d rows (the last is the release's background column, "
+            "unused at inference).",
+            key,
+            num_classes,
+            rows,
+        )
+        return value[:num_classes]
+    if rows == num_classes:
+        return value
+    raise ClassifierShapeError(
+        f"{key} has {rows} output rows; a model with {num_classes} classes needs "
+        f"{num_classes} + 1 (the release's layout, background column last) or {num_classes}. "
+        "Set the class count with --num-classes (MODEL.SALTNET.NUM_CLASSES)."
+    )
+
 
 def _rename(key: str, backbone_rules: List[Tuple[str, str]], dcn_towers: Set[str]) -> str:
     """Our name for ``key``, or "" if no rule places it. ``dcn_towers``: the deformable tower
@@ -95,13 +139,15 @@ def _rename(key: str, backbone_rules: List[Tuple[str, str]], dcn_towers: Set[str
 
 
 def convert_mmdet_saltnet_state_dict(
-    state_dict: Dict[str, torch.Tensor], reg_max: int = 16
+    state_dict: Dict[str, torch.Tensor], num_classes: int = 80, reg_max: int = 16
 ) -> "OrderedDict[str, torch.Tensor]":
     """Rename an mmdetection SALT-Net state dict to :class:`saltnet.SALTNet`'s names.
 
     Args:
         state_dict: the original's ``checkpoint["state_dict"]`` (keys ``backbone.*``,
             ``neck.*``, ``bbox_head.*``).
+        num_classes: the model's class count K; ``salt_cls`` must have K + 1 rows (the
+            release's layout; the last, background row is dropped) or K.
         reg_max: the model's ``reg_max``; the original's ``integral.project`` buffer must equal
             ``0, 1, ..., reg_max`` (our head computes it instead of storing it).
 
@@ -110,6 +156,7 @@ def convert_mmdet_saltnet_state_dict(
 
     Raises:
         UnmappedKeysError: naming every key that no rule places.
+        ClassifierShapeError: if ``salt_cls`` fits neither K + 1 nor K classes.
         ValueError: if two keys map to the same name or ``integral.project`` is unexpected.
     """
     keys = [re.sub(r"^module\.", "", k) for k in state_dict]  # saved from a DataParallel wrapper
@@ -133,6 +180,8 @@ def convert_mmdet_saltnet_state_dict(
         if not new:
             unmapped.append(key)
             continue
+        if _CLASSIFIER.fullmatch(key):
+            value = _drop_background_column(key, value, num_classes)
         if new in converted:
             raise ValueError(f"Two checkpoint keys map to {new!r} (the second is {key!r}).")
         converted[new] = value

@@ -1,4 +1,4 @@
-"""FPN backbones whose P6 comes from the FPN's P5 (not from C5) and P7 from ReLU(P6)."""
+"""FPN backbones whose P6 comes from the FPN's P5 (not from C5) and P7 from P6 (no ReLU)."""
 
 import fvcore.nn.weight_init as weight_init
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
@@ -6,7 +6,6 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import Backbone
 from detectron2.modeling.backbone.fpn import FPN
 from torch import nn
-from torch.nn import functional as F
 
 from .resnet import build_saltnet_resnet_backbone
 
@@ -14,7 +13,11 @@ __all__ = ["P6P7FromP5", "build_p3p7_fpn", "build_saltnet_resnet_fpn_backbone"]
 
 
 class P6P7FromP5(nn.Module):
-    """P6 = conv3x3/2(P5) and P7 = conv3x3/2(ReLU(P6)), each followed by ``norm`` if given.
+    """P6 = conv3x3/2(P5) and P7 = conv3x3/2(P6), each followed by ``norm`` if given.
+
+    No ReLU between P6 and P7: the authors' release uses mmdetection's FPN with
+    ``add_extra_convs="on_output"`` and ``relu_before_extra_convs=False`` (detectron2's
+    ``LastLevelP6P7`` applies one).
 
     With ``norm=""`` it holds the same parameters as detectron2's ``LastLevelP6P7`` on P5
     (``p6`` / ``p7`` with bias); with a norm (e.g. "GN") the two convs carry it and no bias,
@@ -42,7 +45,7 @@ class P6P7FromP5(nn.Module):
 
     def forward(self, p5):
         p6 = self.p6(p5)
-        p7 = self.p7(F.relu(p6))
+        p7 = self.p7(p6)
         return [p6, p7]
 
 

@@ -15,7 +15,7 @@ from detectron2.utils.events import get_event_storage
 from torch import Tensor
 from torch import distributed as dist
 
-from .atss import atss_assign
+from .atss import atss_assign, inside_padded_images
 from .box_coding import (
     aligned_iou,
     boxes_to_distances,
@@ -67,7 +67,7 @@ class SALTNet(DenseDetector):
         loss_giou_weight: float = 2.0,
         loss_dfl_weight: float = 0.25,
         loss_coarse_weight: float = 1.0,
-        sdr_mode: str = "both",
+        sdr_mode: str = "gt",
         sdr_weight: float = 1.0,
         test_topk_candidates: int = 1000,
         test_score_thresh: float = 0.05,
@@ -173,13 +173,17 @@ class SALTNet(DenseDetector):
         return points, strides
 
     @torch.no_grad()
-    def label_anchors(self, anchors: List[Boxes], gt_instances: List[Instances]):
-        """ATSS labels: (N, R) class per anchor (num_classes = background), (N, R, 4) gt boxes."""
+    def label_anchors(self, anchors: List[Boxes], gt_instances: List[Instances], valid: Tensor):
+        """ATSS labels: (N, R) class per anchor (num_classes = background), (N, R, 4) gt boxes.
+
+        ``valid`` (N, R) bool: the anchors that may be assigned (inside each image's own padded
+        area); the others are background.
+        """
         anchor_tensors = [a.tensor for a in anchors]
         gt_classes, gt_boxes = [], []
-        for inst in gt_instances:
+        for inst, valid_i in zip(gt_instances, valid):
             boxes = inst.gt_boxes.tensor.float()
-            matched = atss_assign(anchor_tensors, boxes, self.atss_topk)
+            matched = atss_assign(anchor_tensors, boxes, self.atss_topk, valid_i)
             found = matched >= 0
             idx = matched.clamp(min=0)
             if len(inst) > 0:
@@ -195,9 +199,19 @@ class SALTNet(DenseDetector):
     def forward_training(self, images, features, predictions, gt_instances):
         scores, box_logits, coarse = self._flatten_predictions(predictions)
         anchors = self.anchor_generator(features)
-        gt_classes, gt_boxes = self.label_anchors(anchors, gt_instances)
+        # The release's valid flags: points outside an image's own padded area (size rounded up
+        # to 32) are neither ATSS candidates nor counted in any loss.
+        valid = inside_padded_images(
+            images.image_sizes,
+            [f.shape[-2:] for f in features],
+            self.strides,
+            device=scores.device,
+        )
+        gt_classes, gt_boxes = self.label_anchors(anchors, gt_instances, valid)
         points, strides = self._anchor_points(anchors)
-        return self.losses(points, strides, scores, box_logits, coarse, gt_classes, gt_boxes)
+        return self.losses(
+            points, strides, scores, box_logits, coarse, gt_classes, gt_boxes, valid
+        )
 
     def losses(
         self,
@@ -210,18 +224,32 @@ class SALTNet(DenseDetector):
         gt_boxes: Tensor,
     ) -> Dict[str, Tensor]:
         """All SALT-Net losses, in float32, over all anchors at once (masks, no indexing).
+        valid: Tensor,
 
         Args:
             points: (R, 2) anchor points, pixels; strides: (R,) their strides, pixels.
+        As the authors' release computes them: QFL over the valid anchors, normalised by the sum
+        over images of max(positives in the image, 1), averaged across workers, at least 1; the
+        box losses (refined GIoU, DFL, coarse GIoU) over the positives, each weighted by its
+        detached joint score and normalised by the sum of those weights, averaged across workers
+        (the release divides by that sum even when it is 0, which gives NaN for a batch without
+        positives; here it is clamped, so such a batch gives 0). One difference remains: the
+        release's weight is the maximum over K + 1 score columns (its background column
+        included), ours over the K classes.
+
             scores: (N, R, K) joint scores; box_logits: (N, R, 4 x (reg_max + 1));
             coarse: (N, R, 4) coarse distances in stride units, or None (plain head).
             gt_classes: (N, R) labels, K = background; gt_boxes: (N, R, 4) XYXY pixels.
         """
         scores, box_logits, gt_boxes = scores.float(), box_logits.float(), gt_boxes.float()
+            valid: (N, R) bool, anchors inside their image's own padded area.
         pos = (gt_classes >= 0) & (gt_classes < self.num_classes)
-        num_pos = pos.sum()
-        get_event_storage().put_scalar("num_pos_anchors", num_pos.item() / len(gt_classes))
-        num_pos_avg = reduce_mean(num_pos.float()).clamp(min=1.0)
+        pos_per_image = pos.sum(dim=1)
+        get_event_storage().put_scalar(
+            "num_pos_anchors", pos_per_image.sum().item() / len(gt_classes)
+        )
+        # An image without positives counts 1, as the release's num_total_pos.
+        num_pos_avg = reduce_mean(pos_per_image.clamp(min=1).sum().float()).clamp(min=1.0)
 
         scale = strides[None, :, None]
         refined = distribution_to_distances(box_logits, self.reg_max)  # (N, R, 4) stride units
@@ -230,14 +258,16 @@ class SALTNet(DenseDetector):
 
         loss_qfl = quality_focal_loss(
             scores.flatten(0, 1), gt_classes.flatten(), iou.flatten(), beta=self.qfl_beta
-        ).sum()
+        )
+        loss_qfl = (loss_qfl * valid.flatten()).sum()
 
         # Box losses: each positive weighted by its detached joint score, normalised by the sum.
         weight = scores.detach().max(dim=2).values * pos
         weight_sum = reduce_mean(weight.sum()).clamp(min=1e-6)
         loss_giou = (giou_loss(refined_boxes, gt_boxes) * weight).sum()
         targets = boxes_to_distances(points, gt_boxes) / scale
-        targets = targets.clamp(min=0, max=self.reg_max - 0.01)
+        # The release's bbox2distance clamps the targets to reg_max - 0.1.
+        targets = targets.clamp(min=0, max=self.reg_max - 0.1)
         loss_dfl = distribution_focal_loss(
             box_logits.reshape(-1, self.reg_max + 1), targets.flatten()
         ).view_as(targets)

@@ -20,6 +20,7 @@ from detectron2.modeling.backbone.resnet import ResNet
 from torch import nn
 from torch.nn import functional as F
 
+from ..layers.batch_norm import resolve_norm
 from ..layers import DeformConv, ModulatedDeformConv
 from .backbone import build_p3p7_fpn
 
@@ -227,7 +228,8 @@ def build_saltnet_res2net_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
     node = cfg.MODEL.RES2NET
     if node.DEPTH not in NUM_BLOCKS_PER_STAGE:
         raise ValueError(f"MODEL.RES2NET.DEPTH must be one of {sorted(NUM_BLOCKS_PER_STAGE)}.")
-    stem = DeepStem(input_shape.channels, 64, norm=node.NORM)
+    norm = resolve_norm(node.NORM)  # detectron2's names, or "FrozenStatsBN"
+    stem = DeepStem(input_shape.channels, 64, norm=norm)
     in_channels = stem.out_channels
     stages = []
     for idx, num_blocks in enumerate(NUM_BLOCKS_PER_STAGE[node.DEPTH]):
@@ -241,7 +243,7 @@ def build_saltnet_res2net_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
                 stride_per_block=[1 if idx == 0 else 2] + [1] * (num_blocks - 1),
                 width=planes * node.BASE_WIDTH // 64,
                 scale=node.SCALE,
-                norm=node.NORM,
+                norm=norm,
                 stride1_split_pool=node.STRIDE1_SPLIT_POOL,
                 deform=node.DEFORM_ON_PER_STAGE[idx],
                 deform_modulated=node.DEFORM_MODULATED,

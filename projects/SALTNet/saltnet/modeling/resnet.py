@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..layers import DeformConv, ModulatedDeformConv
+from ..layers.batch_norm import resolve_norm
 
 __all__ = ["DeformBottleneckBlock", "build_saltnet_resnet_backbone"]
 
@@ -144,11 +145,12 @@ def build_saltnet_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
     Reads ``MODEL.RESNETS.*`` (DEPTH, NUM_GROUPS, WIDTH_PER_GROUP, STEM_OUT_CHANNELS,
     RES2_OUT_CHANNELS, STRIDE_IN_1X1, RES5_DILATION, DEFORM_ON_PER_STAGE, DEFORM_MODULATED,
     DEFORM_NUM_GROUPS, NORM, OUT_FEATURES) and ``MODEL.BACKBONE.FREEZE_AT`` exactly as detectron2
-    does; the deformable convs use ``MODEL.SALTNET.DEFORM_BACKEND``.
+    does; the deformable convs use ``MODEL.SALTNET.DEFORM_BACKEND``. ``NORM`` also takes
+    ``"FrozenStatsBN"`` (:class:`~saltnet.layers.batch_norm.FrozenStatsBatchNorm2d`).
     """
     node = cfg.MODEL.RESNETS
     depth = node.DEPTH
-    norm = node.NORM
+    norm = resolve_norm(node.NORM)
     num_groups = node.NUM_GROUPS
     bottleneck_channels = num_groups * node.WIDTH_PER_GROUP
     in_channels = node.STEM_OUT_CHANNELS
