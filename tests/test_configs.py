@@ -36,7 +36,7 @@ def test_base_recipe():
     cfg = _cfg("salt_R_50_FPN_1x.yaml")
     assert cfg.MODEL.META_ARCHITECTURE == "SALTNet"
     assert cfg.MODEL.BACKBONE.NAME == "build_saltnet_resnet_fpn_backbone"
-    assert cfg.MODEL.BACKBONE.FREEZE_AT == 2 and cfg.MODEL.RESNETS.NORM == "FrozenBN"
+    assert cfg.MODEL.BACKBONE.FREEZE_AT == 2 and cfg.MODEL.RESNETS.NORM == "FrozenStatsBN"
     assert cfg.MODEL.RESNETS.DEPTH == 50 and not cfg.MODEL.RESNETS.STRIDE_IN_1X1
     assert cfg.MODEL.RESNETS.OUT_FEATURES == cfg.MODEL.FPN.IN_FEATURES == ["res3", "res4", "res5"]
     assert cfg.MODEL.FPN.OUT_CHANNELS == 256 and cfg.MODEL.FPN.NORM == ""
