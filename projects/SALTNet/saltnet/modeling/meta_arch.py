@@ -222,12 +222,10 @@ class SALTNet(DenseDetector):
         coarse: Tensor,
         gt_classes: Tensor,
         gt_boxes: Tensor,
+        valid: Tensor,
     ) -> Dict[str, Tensor]:
         """All SALT-Net losses, in float32, over all anchors at once (masks, no indexing).
-        valid: Tensor,
 
-        Args:
-            points: (R, 2) anchor points, pixels; strides: (R,) their strides, pixels.
         As the authors' release computes them: QFL over the valid anchors, normalised by the sum
         over images of max(positives in the image, 1), averaged across workers, at least 1; the
         box losses (refined GIoU, DFL, coarse GIoU) over the positives, each weighted by its
@@ -237,12 +235,14 @@ class SALTNet(DenseDetector):
         release's weight is the maximum over K + 1 score columns (its background column
         included), ours over the K classes.
 
+        Args:
+            points: (R, 2) anchor points, pixels; strides: (R,) their strides, pixels.
             scores: (N, R, K) joint scores; box_logits: (N, R, 4 x (reg_max + 1));
             coarse: (N, R, 4) coarse distances in stride units, or None (plain head).
             gt_classes: (N, R) labels, K = background; gt_boxes: (N, R, 4) XYXY pixels.
+            valid: (N, R) bool, anchors inside their image's own padded area.
         """
         scores, box_logits, gt_boxes = scores.float(), box_logits.float(), gt_boxes.float()
-            valid: (N, R) bool, anchors inside their image's own padded area.
         pos = (gt_classes >= 0) & (gt_classes < self.num_classes)
         pos_per_image = pos.sum(dim=1)
         get_event_storage().put_scalar(

@@ -20,8 +20,8 @@ from detectron2.modeling.backbone.resnet import ResNet
 from torch import nn
 from torch.nn import functional as F
 
-from ..layers.batch_norm import resolve_norm
 from ..layers import DeformConv, ModulatedDeformConv
+from ..layers.batch_norm import resolve_norm
 from .backbone import build_p3p7_fpn
 
 __all__ = [
