@@ -25,13 +25,13 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format, verify
 from detectron2.utils import comm
 
 from saltnet.checkpoint import AtomicCheckpointer
+from saltnet.config import load_yaml_config
 from saltnet.data import register_datasets, register_datasets_from_cfg
 from saltnet.engine import (
     SALTNetAMPTrainer,
     SALTNetSimpleTrainer,
     SALTNetTrainer,
     ddp_device_ids,
-    load_yaml_config,
 )
 from saltnet.lazy_overrides import check_lazy_overrides
 

@@ -20,29 +20,21 @@ import tqdm
 from detectron2.data import MetadataCatalog
 from detectron2.utils.logger import setup_logger
 
+from saltnet.config import load_yaml_config
 from saltnet.data import register_datasets_from_cfg
 from saltnet.data.image_io import read_image
-from saltnet.engine import get_saltnet_cfg
 from saltnet.visualize import SALTVisualizationDemo
 
 WINDOW_NAME = "SALT-Net detections"
 
 
 def setup_cfg(args):
-    """Config from file and ``--opts``; the model's score threshold is the confidence threshold.
-
-    Runs on the CPU when CUDA is unavailable.
-    """
-    if not os.path.isfile(args.config_file):
-        raise FileNotFoundError(f"Config file {args.config_file!r} does not exist.")
-    cfg = get_saltnet_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.MODEL.SALTNET.SCORE_THRESH_TEST = args.confidence_threshold
+    """The checked config (as ``train_net.py``) from file and ``--opts``; the model's score
+    threshold is the confidence threshold. Runs on the CPU when CUDA is unavailable."""
+    opts = [*args.opts, "MODEL.SALTNET.SCORE_THRESH_TEST", str(args.confidence_threshold)]
     if not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
-    cfg.freeze()
-    return cfg
+        opts += ["MODEL.DEVICE", "cpu"]
+    return load_yaml_config(args.config_file, opts)
 
 
 def get_parser():

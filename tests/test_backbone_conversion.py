@@ -23,6 +23,7 @@ from torchvision.models.resnet import Bottleneck, ResNet
 from torchvision.ops import deform_conv2d
 
 from saltnet import add_saltnet_config
+from saltnet.config import load_yaml_config
 from saltnet.convert import convert_mmdet_saltnet_state_dict
 from saltnet.convert_backbone import (
     PREFIX,
@@ -31,7 +32,6 @@ from saltnet.convert_backbone import (
     convert_backbone_state_dict,
     save_checkpoint,
 )
-from saltnet.engine import load_yaml_config
 from saltnet.modeling.res2net import build_saltnet_res2net_backbone
 from saltnet.modeling.resnet import build_saltnet_resnet_backbone
 

@@ -8,7 +8,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import BACKBONE_REGISTRY, build_model
 from detectron2.solver import build_lr_scheduler
 
-from saltnet.engine import load_yaml_config
+from saltnet.config import load_yaml_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 YAMLS = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml"))
@@ -54,7 +54,7 @@ def test_base_recipe():
     assert node.SALT_ON and node.NUM_CONVS == 3 and node.REG_MAX == 16 and node.NUM_CLASSES == 80
     assert node.IN_FEATURES == ["p3", "p4", "p5", "p6", "p7"]
     assert (node.NMS_THRESH_TEST, node.SCORE_THRESH_TEST) == (0.6, 0.05)
-    assert (node.TOPK_CANDIDATES_TEST, node.DETECTIONS_PER_IMAGE) == (1000, 100)
+    assert (node.TOPK_CANDIDATES_TEST, cfg.TEST.DETECTIONS_PER_IMAGE) == (1000, 100)
 
 
 def test_base_yaml_writes_out_every_saltnet_key():
@@ -117,7 +117,7 @@ def test_every_yaml_builds_a_model_that_runs_on_cpu(name):
         (out,) = model([{"image": image, "height": 32, "width": 40}])
     instances = out["instances"]
     assert instances.image_size == (32, 40)
-    assert len(instances) <= cfg.MODEL.SALTNET.DETECTIONS_PER_IMAGE
+    assert len(instances) <= cfg.TEST.DETECTIONS_PER_IMAGE
     if len(instances):
         assert instances.pred_classes.max() < cfg.MODEL.SALTNET.NUM_CLASSES
         assert torch.isfinite(instances.pred_boxes.tensor).all()

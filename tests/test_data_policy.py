@@ -13,6 +13,7 @@ from detectron2.structures import Boxes, BoxMode, Instances
 from detectron2.utils.events import EventStorage
 from PIL import Image
 
+from saltnet.config import load_yaml_config
 from saltnet.data.image_io import ImageReadError
 from saltnet.data.loader import (
     SeededMapDataset,
@@ -21,7 +22,6 @@ from saltnet.data.loader import (
 )
 from saltnet.data.mapper import SALTNetDatasetMapper
 from saltnet.data.sanitize import check_image_files, sanitize_dataset_dicts
-from saltnet.engine import load_yaml_config
 
 XYWH, XYXY = BoxMode.XYWH_ABS, BoxMode.XYXY_ABS
 

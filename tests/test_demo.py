@@ -7,7 +7,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
-from saltnet.engine import load_yaml_config
+from saltnet.config import load_yaml_config
 from saltnet.visualize import inference_with_point_sets
 
 QUICK_YAML = "configs/quick_schedule/salt_R_18_synthetic.yaml"

@@ -12,7 +12,7 @@ from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
 
-from saltnet.engine import load_yaml_config
+from saltnet.config import load_yaml_config
 
 # detectron2's launch uses NCCL (one process per GPU) whenever CUDA is available.
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU (gloo) processes only")

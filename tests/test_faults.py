@@ -8,8 +8,9 @@ from detectron2.engine import HookBase
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
+from saltnet.config import load_yaml_config
 from saltnet.data import register_datasets_from_cfg
-from saltnet.engine import SALTNetTrainer, load_yaml_config
+from saltnet.engine import SALTNetTrainer
 
 
 class _PoisonBoxBranch(HookBase):

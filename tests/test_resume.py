@@ -8,9 +8,10 @@ from conftest import QUICK_YAML, TINY_OPTS
 from detectron2.engine import HookBase
 from detectron2.utils.env import seed_all_rng
 
+from saltnet.config import load_yaml_config
 from saltnet.data import register_datasets_from_cfg
 from saltnet.data.sampler import ResumableBatchSampler
-from saltnet.engine import SALTNetTrainer, load_yaml_config
+from saltnet.engine import SALTNetTrainer
 
 
 def _batches(sampler, n):

@@ -47,7 +47,7 @@ def backbone_state_dict(config_file, opts, prefix):
     """``prefix`` + names -> tensors of the bottom-up network that ``config_file`` builds."""
     from detectron2.modeling import build_backbone
 
-    from saltnet.engine import load_yaml_config
+    from saltnet.config import load_yaml_config
 
     bottom_up = build_backbone(load_yaml_config(config_file, opts)).bottom_up
     return {prefix + k: v for k, v in bottom_up.state_dict().items()}

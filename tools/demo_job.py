@@ -24,9 +24,10 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.engine import default_setup
 
+from saltnet.config import load_yaml_config
 from saltnet.data import register_datasets_from_cfg
 from saltnet.data.image_io import read_image
-from saltnet.engine import SALTNetTrainer, load_yaml_config
+from saltnet.engine import SALTNetTrainer
 from saltnet.visualize import draw_predictions_and_gt, inference_with_point_sets
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,18 +1,56 @@
-"""The ``MODEL.SALTNET`` config node: every hyper-parameter of SALT-Net with its default.
+"""SALT-Net's config: the keys it adds to detectron2's (``MODEL.SALTNET``, ``MODEL.RES2NET``,
+the dataset keys) with their defaults, and the checked loader of YAML configs.
 
-Defaults follow ``shared/design/SALTNET-METHOD.md`` (the paper and the authors' release).
+Defaults follow the paper and the authors' release.
 """
 
+from detectron2.config import CfgNode
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
-from .modeling.res2net import add_res2net_config
+from .config_checks import check_config, merge_config
+from .data.register import add_dataset_config
+
+__all__ = ["add_res2net_config", "add_saltnet_config", "get_saltnet_cfg", "load_yaml_config"]
+
+
+def add_res2net_config(cfg):
+    """Add the ``MODEL.RES2NET`` keys to a detectron2 config (in place). Safe to call twice.
+
+    Frozen stages follow ``MODEL.BACKBONE.FREEZE_AT`` as for every detectron2 backbone.
+    """
+    if "RES2NET" in cfg.MODEL:
+        return cfg
+    cfg.MODEL.RES2NET = CN()
+    node = cfg.MODEL.RES2NET
+    node.DEPTH = 50  # 50, 101 or 152
+    # "26w x 4s": each block splits its bottleneck into SCALE groups of
+    # BASE_WIDTH x (stage width / 64) channels (26, 52, 104, 208 in res2-res5).
+    node.SCALE = 4
+    node.BASE_WIDTH = 26
+    node.NORM = "FrozenBN"
+    node.OUT_FEATURES = ["res3", "res4", "res5"]
+    # Deformable 3x3 convs (in every split) per stage res2-res5: DCN v1, or v2 if MODULATED.
+    node.DEFORM_ON_PER_STAGE = [False, False, False, False]
+    node.DEFORM_MODULATED = False
+    node.DEFORM_NUM_GROUPS = 1
+    # The first block of a stage average-pools (3x3) its last, unconvolved split to the block's
+    # stride. mmdetection (whose open-mmlab weights the paper uses) skips that pool where the
+    # stride is 1 (res2); the original Res2Net and timm apply it there too: set True for them.
+    node.STRIDE1_SPLIT_POOL = False
+    return cfg
 
 
 def add_saltnet_config(cfg):
-    """Add the SALT-Net keys to a detectron2 config (in place). Safe to call twice."""
+    """Add the SALT-Net keys to a detectron2 config (in place). Safe to call twice.
+
+    The number of detections per image is detectron2's ``TEST.DETECTIONS_PER_IMAGE``, as for
+    RetinaNet; the former ``MODEL.SALTNET.DETECTIONS_PER_IMAGE`` stops with yacs' rename error.
+    """
     add_res2net_config(cfg)
     if "SALTNET" in cfg.MODEL:
         return cfg
+    cfg.register_renamed_key("MODEL.SALTNET.DETECTIONS_PER_IMAGE", "TEST.DETECTIONS_PER_IMAGE")
     cfg.MODEL.SALTNET = CN()
     node = cfg.MODEL.SALTNET
     node.NUM_CLASSES = 80
@@ -54,5 +92,25 @@ def add_saltnet_config(cfg):
     node.TOPK_CANDIDATES_TEST = 1000
     node.SCORE_THRESH_TEST = 0.05
     node.NMS_THRESH_TEST = 0.6
-    node.DETECTIONS_PER_IMAGE = 100
+    return cfg
+
+
+def get_saltnet_cfg() -> CfgNode:
+    """detectron2's default config with SALT-Net's keys (``MODEL.SALTNET``, ``MODEL.RES2NET``,
+    ``DATASETS.REGISTER``, ``DATASETS.SYNTHETIC_ROOT``)."""
+    cfg = get_cfg()
+    add_saltnet_config(cfg)
+    add_dataset_config(cfg)
+    return cfg
+
+
+def load_yaml_config(config_file: str, opts=()) -> CfgNode:
+    """A checked, frozen config from a YAML file and ``KEY VALUE`` overrides.
+
+    Raises FileNotFoundError for a missing file and :class:`ConfigError` for an unknown key (with
+    the closest valid keys), a value of the wrong type or an invalid choice (with the choices).
+    """
+    cfg = merge_config(get_saltnet_cfg(), config_file, opts)
+    check_config(cfg)
+    cfg.freeze()
     return cfg

@@ -1,5 +1,5 @@
-"""Config setup and the :class:`DefaultTrainer` of SALT-Net, shared by ``train_net.py``,
-``demo/demo.py`` and ``tools/demo_job.py``."""
+"""The :class:`DefaultTrainer` of SALT-Net, shared by ``train_net.py`` and
+``tools/demo_job.py``."""
 
 import logging
 import math
@@ -8,7 +8,7 @@ import weakref
 from typing import Mapping, Optional
 
 import torch
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import COCOEvaluator
@@ -16,9 +16,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from .checkpoint import AtomicCheckpointer
-from .config import add_saltnet_config
-from .config_checks import check_config, check_num_classes, merge_config
-from .data import add_dataset_config
+from .config_checks import check_num_classes
 from .data.loader import build_saltnet_test_loader, build_saltnet_train_loader
 from .data.sampler import ResumableBatchSampler
 
@@ -27,8 +25,6 @@ __all__ = [
     "SALTNetSimpleTrainer",
     "SALTNetTrainer",
     "ddp_device_ids",
-    "get_saltnet_cfg",
-    "load_yaml_config",
 ]
 
 
@@ -136,26 +132,6 @@ class SALTNetTrainer(DefaultTrainer):
         return COCOEvaluator(
             dataset_name,
             tasks=("bbox",),
-            max_dets_per_image=cfg.MODEL.SALTNET.DETECTIONS_PER_IMAGE,
+            max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
             output_dir=output_folder,
         )
-
-
-def get_saltnet_cfg() -> CfgNode:
-    """detectron2's default config plus ``MODEL.SALTNET`` and the dataset-registration keys."""
-    cfg = get_cfg()
-    add_saltnet_config(cfg)
-    add_dataset_config(cfg)
-    return cfg
-
-
-def load_yaml_config(config_file: str, opts=()) -> CfgNode:
-    """A checked, frozen config from a YAML file and ``KEY VALUE`` overrides.
-
-    Raises FileNotFoundError for a missing file and :class:`ConfigError` for an unknown key (with
-    the closest valid keys), a value of the wrong type or an invalid choice (with the choices).
-    """
-    cfg = merge_config(get_saltnet_cfg(), config_file, opts)
-    check_config(cfg)
-    cfg.freeze()
-    return cfg

@@ -5,7 +5,7 @@ from typing import Dict, List, Tuple
 
 import torch
 from detectron2.config import configurable
-from detectron2.layers import batched_nms, cat
+from detectron2.layers import ShapeSpec, batched_nms, cat
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector, permute_to_N_HWA_K
@@ -32,8 +32,25 @@ logger = logging.getLogger(__name__)
 SDR_MODES = ("none", "gt", "distill", "both")
 
 
+def head_input_shapes(backbone, in_features: List[str]) -> List[ShapeSpec]:
+    """The backbone's output shapes of ``in_features`` (``MODEL.SALTNET.IN_FEATURES``, the
+    head's levels); ValueError naming the problem if it is empty or names a missing feature."""
+    shapes = backbone.output_shape()
+    missing = [f for f in in_features if f not in shapes]
+    if missing or not in_features:
+        problem = f"names {missing}, which the backbone does not yield" if missing else "is empty"
+        raise ValueError(f"MODEL.SALTNET.IN_FEATURES {problem}; it yields {sorted(shapes)}.")
+    return [shapes[f] for f in in_features]
+
+
 def reduce_mean(tensor: Tensor) -> Tensor:
-    """Average a tensor over all workers (no-op in a single process); no host sync."""
+    """Average a tensor over all workers (no-op in a single process); no host sync.
+
+    SALT-Net's loss normalisers (positive counts, quality-weight sums) are this batch's, averaged
+    over workers, as in the authors' release. Not ``DenseDetector._ema_update`` (detectron2's
+    FCOS / RetinaNet), which smooths the positive count over iterations (momentum 0.9): that is
+    another normalisation than the release's, and would give another loss scale per batch.
+    """
     if comm.get_world_size() > 1:
         tensor = tensor.clone()
         dist.all_reduce(tensor)
@@ -82,14 +99,7 @@ class SALTNet(DenseDetector):
         )
         if sdr_mode not in SDR_MODES:
             raise ValueError(f"Unknown SDR mode {sdr_mode!r}; choose one of {SDR_MODES}.")
-        shapes = backbone.output_shape()
-        missing = [f for f in self.head_in_features if f not in shapes]
-        if missing:
-            raise ValueError(
-                f"Backbone has no feature(s) {missing}; it yields {sorted(shapes)}. "
-                "Set MODEL.SALTNET.IN_FEATURES accordingly."
-            )
-        self.strides = [shapes[f].stride for f in self.head_in_features]
+        self.strides = [s.stride for s in head_input_shapes(backbone, self.head_in_features)]
         self.num_classes = num_classes
         self.reg_max = reg_max
         self.atss_topk = atss_topk
@@ -120,14 +130,7 @@ class SALTNet(DenseDetector):
     def from_config(cls, cfg):
         backbone = build_backbone(cfg)
         node = cfg.MODEL.SALTNET
-        shapes = backbone.output_shape()
-        missing = [f for f in node.IN_FEATURES if f not in shapes]
-        if missing:
-            raise ValueError(
-                f"MODEL.SALTNET.IN_FEATURES names {missing}, which the backbone "
-                f"{cfg.MODEL.BACKBONE.NAME} does not yield; it yields {sorted(shapes)}."
-            )
-        head = SALTHead(cfg, [shapes[f] for f in node.IN_FEATURES])
+        head = SALTHead(cfg, head_input_shapes(backbone, node.IN_FEATURES))
         return {
             "backbone": backbone,
             "head": head,
@@ -146,7 +149,7 @@ class SALTNet(DenseDetector):
             "test_topk_candidates": node.TOPK_CANDIDATES_TEST,
             "test_score_thresh": node.SCORE_THRESH_TEST,
             "test_nms_thresh": node.NMS_THRESH_TEST,
-            "max_detections_per_image": node.DETECTIONS_PER_IMAGE,
+            "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "input_format": cfg.INPUT.FORMAT,

@@ -13,7 +13,6 @@ from typing import Optional
 
 import fvcore.nn.weight_init as weight_init
 import torch
-from detectron2.config import CfgNode as CN
 from detectron2.layers import CNNBlockBase, Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.resnet import ResNet
@@ -27,39 +26,11 @@ from .backbone import build_p3p7_fpn
 __all__ = [
     "DeepStem",
     "Bottle2neckBlock",
-    "add_res2net_config",
     "build_saltnet_res2net_backbone",
     "build_saltnet_res2net_fpn_backbone",
 ]
 
 NUM_BLOCKS_PER_STAGE = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
-
-
-def add_res2net_config(cfg):
-    """Add the ``MODEL.RES2NET`` keys to a detectron2 config (in place). Safe to call twice.
-
-    Frozen stages follow ``MODEL.BACKBONE.FREEZE_AT`` as for every detectron2 backbone.
-    """
-    if "RES2NET" in cfg.MODEL:
-        return cfg
-    cfg.MODEL.RES2NET = CN()
-    node = cfg.MODEL.RES2NET
-    node.DEPTH = 50  # 50, 101 or 152
-    # "26w x 4s": each block splits its bottleneck into SCALE groups of
-    # BASE_WIDTH x (stage width / 64) channels (26, 52, 104, 208 in res2-res5).
-    node.SCALE = 4
-    node.BASE_WIDTH = 26
-    node.NORM = "FrozenBN"
-    node.OUT_FEATURES = ["res3", "res4", "res5"]
-    # Deformable 3x3 convs (in every split) per stage res2-res5: DCN v1, or v2 if MODULATED.
-    node.DEFORM_ON_PER_STAGE = [False, False, False, False]
-    node.DEFORM_MODULATED = False
-    node.DEFORM_NUM_GROUPS = 1
-    # The first block of a stage average-pools (3x3) its last, unconvolved split to the block's
-    # stride. mmdetection (whose open-mmlab weights the paper uses) skips that pool where the
-    # stride is 1 (res2); the original Res2Net and timm apply it there too: set True for them.
-    node.STRIDE1_SPLIT_POOL = False
-    return cfg
 
 
 class DeepStem(CNNBlockBase):
@@ -219,7 +190,7 @@ class Bottle2neckBlock(CNNBlockBase):
 
 @BACKBONE_REGISTRY.register()
 def build_saltnet_res2net_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
-    """Res2Net v1d from ``MODEL.RES2NET`` (see :func:`add_res2net_config`).
+    """Res2Net v1d from ``MODEL.RES2NET`` (see :func:`saltnet.config.add_res2net_config`).
 
     Outputs ``MODEL.RES2NET.OUT_FEATURES`` among res2-res5 (strides 4-32, 256-2048 channels);
     ``MODEL.BACKBONE.FREEZE_AT`` freezes the stem (1) and the first stages (2 = stem + res2);
