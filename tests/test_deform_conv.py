@@ -1,4 +1,5 @@
-"""saltnet.layers deformable convs against an explicit bilinear-sampling reference."""
+"""saltnet.layers deformable convs: every CPU backend against an explicit bilinear-sampling
+reference, the gather backend against torchvision, and the backend choice."""
 
 import ast
 import inspect
@@ -8,9 +9,12 @@ import detectron2.layers.deform_conv as d2_deform_conv
 import pytest
 import torch
 from torch.nn import functional as F
+from torchvision.ops import deform_conv2d
 
-from saltnet.layers import DeformConv, ModulatedDeformConv, set_default_backend
+from saltnet.layers import BACKENDS, DeformConv, ModulatedDeformConv, available_backends
+from saltnet.layers import deform_conv as deform_conv_module
 from saltnet.layers.deform_conv import detectron2_ops_available
+from saltnet.layers.gather_deform import gather_deform_conv2d
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -64,7 +68,20 @@ def reference_deform_conv(x, offset, weight, bias, mask, stride, padding, dilati
     return out
 
 
-def make_case(modulated, stride=1, padding=1, dilation=1, groups=2, dg=2, n=2, dtype=torch.double):
+CPU_BACKENDS = ["gather", "torchvision"]
+
+
+def make_case(
+    modulated,
+    stride=1,
+    padding=1,
+    dilation=1,
+    groups=2,
+    dg=2,
+    n=2,
+    dtype=torch.double,
+    backend="auto",
+):
     gen = torch.Generator().manual_seed(0)
     c_in, c_out, h, w = 4, 6, 6, 7
     layer_cls = ModulatedDeformConv if modulated else DeformConv
@@ -78,6 +95,7 @@ def make_case(modulated, stride=1, padding=1, dilation=1, groups=2, dg=2, n=2, d
         groups=groups,
         deformable_groups=dg,
         bias=modulated,
+        backend=backend,
     ).to(dtype)
     with torch.no_grad():
         layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen))
@@ -111,19 +129,21 @@ def run_reference(layer, x, offset, mask):
     )
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("modulated", [False, True])
 @pytest.mark.parametrize(
     "geometry", [dict(), dict(stride=2), dict(dilation=2, padding=2), dict(groups=1, dg=1)]
 )
-def test_forward_matches_reference(modulated, geometry):
-    layer, x, offset, mask = make_case(modulated, **geometry)
+def test_forward_matches_reference(modulated, geometry, backend):
+    layer, x, offset, mask = make_case(modulated, backend=backend, **geometry)
     expected = run_reference(layer, x, offset, mask)
     torch.testing.assert_close(run_layer(layer, x, offset, mask), expected)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("modulated", [False, True])
-def test_gradients_match_reference(modulated):
-    layer, x, offset, mask = make_case(modulated)
+def test_gradients_match_reference(modulated, backend):
+    layer, x, offset, mask = make_case(modulated, backend=backend)
     inputs = [x, offset] + ([mask] if modulated else [])
     for t in inputs:
         t.requires_grad_(True)
@@ -138,8 +158,9 @@ def test_gradients_match_reference(modulated):
 
 @pytest.mark.parametrize("modulated", [False, True])
 def test_gradcheck(modulated):
-    """Analytical gradients (input, offset, mask, weight) against finite differences."""
-    layer, x, offset, mask = make_case(modulated, n=1, groups=1, dg=1)
+    """Analytical gradients (input, offset, mask, weight) of the CPU default (gather) against
+    finite differences; torchvision's are compared with the reference above."""
+    layer, x, offset, mask = make_case(modulated, n=1, groups=1, dg=1, backend="gather")
     args = [x, offset, layer.weight.detach().clone()] + ([mask] if modulated else [])
     for t in args:
         t.requires_grad_(True)
@@ -154,23 +175,25 @@ def test_gradcheck(modulated):
     assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("groups", [1, 2])
-def test_zero_offsets_and_unit_mask_reproduce_conv2d(groups):
-    layer, x, offset, mask = make_case(True, groups=groups, dg=1)
+def test_zero_offsets_and_unit_mask_reproduce_conv2d(groups, backend):
+    layer, x, offset, mask = make_case(True, groups=groups, dg=1, backend=backend)
     offset = torch.zeros_like(offset)
     mask = torch.ones_like(mask)
     expected = F.conv2d(x, layer.weight, layer.bias, padding=1, groups=groups)
     torch.testing.assert_close(layer(x, offset, mask), expected)
-    plain = DeformConv(4, 6, 3, padding=1, groups=groups).double()
+    plain = DeformConv(4, 6, 3, padding=1, groups=groups, backend=backend).double()
     plain.weight.data.copy_(layer.weight.data)
     torch.testing.assert_close(
         plain(x, offset), F.conv2d(x, layer.weight, padding=1, groups=groups)
     )
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("modulated", [False, True])
-def test_empty_batch(modulated):
-    layer, x, offset, mask = make_case(modulated, stride=2, dtype=torch.float)
+def test_empty_batch(modulated, backend):
+    layer, x, offset, mask = make_case(modulated, stride=2, dtype=torch.float, backend=backend)
     x = x[:0].requires_grad_(True)
     out = run_layer(layer, x, offset[:0], None if mask is None else mask[:0])
     assert out.shape == (0, 6, 3, 4)
@@ -178,9 +201,10 @@ def test_empty_batch(modulated):
     assert x.grad.shape == x.shape
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_reduced_precision_under_autocast(dtype):
-    layer, x, offset, mask = make_case(True, dtype=torch.float)
+def test_reduced_precision_under_autocast(dtype, backend):
+    layer, x, offset, mask = make_case(True, dtype=torch.float, backend=backend)
     # The exact answer for the rounded input; only the output's own rounding may differ.
     expected = run_reference(layer.double(), x.to(dtype).double(), offset.double(), mask.double())
     layer.float()
@@ -191,8 +215,9 @@ def test_reduced_precision_under_autocast(dtype):
     assert ((out.double() - expected).abs().max() / scale) < 1e-2
 
 
-def test_reduced_precision_offsets_accepted():
-    layer, x, offset, mask = make_case(False, dtype=torch.float)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_reduced_precision_offsets_accepted(backend):
+    layer, x, offset, mask = make_case(False, dtype=torch.float, backend=backend)
     out = layer(x.bfloat16(), offset.bfloat16())
     expected = run_reference(layer, x.bfloat16().float(), offset.bfloat16().float(), None)
     assert out.dtype == torch.bfloat16
@@ -249,7 +274,7 @@ def test_bad_shapes_and_backends_give_clear_errors():
         DeformConv(4, 6, 3, groups=4)
     if not detectron2_ops_available():
         with pytest.raises(RuntimeError, match="compiled ops"):
-            set_default_backend("detectron2")
+            DeformConv(4, 6, 3, backend="detectron2")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -266,3 +291,100 @@ def test_cuda_matches_cpu(modulated):
     torch.testing.assert_close(cuda_out.cpu(), cpu_out, rtol=1e-4, atol=1e-4)
     for a, b in zip(cuda_grads, cpu_grads):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-3, atol=1e-3)
+
+
+def _case(n=2, c_in=8, c_out=8, size=(9, 11), stride=1, groups=1, dg=1, offsets="fractional"):
+    """fp32 tensors for deform_conv2d: x, offset, mask, weight, bias (each requiring grad)."""
+    gen = torch.Generator().manual_seed(1)
+    h_out, w_out = ((s + 2 - 3) // stride + 1 for s in size)
+    shape = (n, 2 * dg * 9, h_out, w_out)
+    offset = {
+        "fractional": (torch.rand(shape, generator=gen) - 0.5) * 5,
+        "zero": torch.zeros(shape),
+        "integer": torch.randint(-3, 4, shape, generator=gen).float(),
+        # Most samples far outside the image (up to 40 px), some still inside.
+        "far": (torch.rand(shape, generator=gen) - 0.5) * 80,
+    }[offsets]
+    tensors = [
+        torch.randn(n, c_in, *size, generator=gen),
+        offset,
+        torch.rand(n, dg * 9, h_out, w_out, generator=gen),
+        torch.randn(c_out, c_in // groups, 3, 3, generator=gen),
+        torch.randn(c_out, generator=gen),
+    ]
+    return [t.requires_grad_(True) for t in tensors]
+
+
+def _assert_close_to_scale(actual, expected, rel=1e-4, what=""):
+    """|actual - expected| <= rel x max |expected| (and the relative tolerance elementwise)."""
+    scale = expected.abs().max().clamp(min=1e-12).item()
+    torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * scale, msg=what or None)
+
+
+def _compare_with_torchvision(x, offset, mask, weight, bias, stride, groups):
+    """gather_deform_conv2d against torchvision's deform_conv2d: output and all gradients."""
+    inputs = [x, offset, weight, bias] + ([mask] if mask is not None else [])
+    expected = deform_conv2d(x, offset, weight, bias, stride=stride, padding=1, mask=mask)
+    pair = (stride, stride)
+    out = gather_deform_conv2d(x, offset, mask, weight, bias, pair, (1, 1), (1, 1), groups)
+    _assert_close_to_scale(out, expected, what="output")
+    grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(2))
+    want = torch.autograd.grad(expected, inputs, grad_out)
+    got = torch.autograd.grad(out, inputs, grad_out)
+    for name, a, b in zip(["input", "offset", "weight", "bias", "mask"], got, want):
+        _assert_close_to_scale(a, b, what=f"gradient w.r.t. {name}")
+
+
+@pytest.mark.parametrize("modulated", [False, True])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("groups, dg", [(1, 1), (2, 2), (4, 1)])
+def test_gather_matches_torchvision(modulated, stride, groups, dg):
+    x, offset, mask, weight, bias = _case(stride=stride, groups=groups, dg=dg)
+    _compare_with_torchvision(x, offset, mask if modulated else None, weight, bias, stride, groups)
+
+
+@pytest.mark.parametrize("offsets", ["zero", "integer", "far"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_gather_matches_torchvision_at_integer_and_far_positions(offsets, n):
+    """Integer positions (zero offsets included) are where bilinear sampling has a kink: the
+    offset gradient must take torchvision's side (the forward difference)."""
+    x, offset, mask, weight, bias = _case(n=n, offsets=offsets)
+    _compare_with_torchvision(x, offset, mask, weight, bias, 1, 1)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (2, 5), (16, 17)])
+def test_gather_matches_torchvision_at_small_and_power_of_two_sizes(size):
+    x, offset, mask, weight, bias = _case(size=size)
+    _compare_with_torchvision(x, offset, mask, weight, bias, 1, 1)
+
+
+def test_gather_matches_torchvision_for_non_contiguous_input():
+    x, offset, mask, weight, bias = _case()
+    # The same values as x: every other column of a twice-as-wide tensor, and channels-last.
+    strided = torch.stack([x.detach(), torch.zeros_like(x)], dim=-1).flatten(-2)[..., ::2]
+    channels_last = x.detach().contiguous(memory_format=torch.channels_last)
+    for view in (strided.requires_grad_(True), channels_last.requires_grad_(True)):
+        assert not view.is_contiguous()
+        _compare_with_torchvision(view, offset, mask, weight, bias, 1, 1)
+
+
+def test_auto_backend_runs_gather_on_cpu_tensors(monkeypatch):
+    calls = []
+
+    def spy(*args):
+        calls.append(args[0].device.type)
+        return gather_deform_conv2d(*args)
+
+    monkeypatch.setattr(deform_conv_module, "gather_deform_conv2d", spy)
+    x, offset, _, _, _ = _case()
+    DeformConv(8, 8, 3, padding=1)(x, offset)
+    DeformConv(8, 8, 3, padding=1, backend="auto")(x, offset)
+    assert calls == ["cpu", "cpu"]
+    DeformConv(8, 8, 3, padding=1, backend="torchvision")(x, offset)
+    assert calls == ["cpu", "cpu"]
+
+
+def test_backend_choices():
+    assert BACKENDS == ("auto", "gather", "triton", "torchvision", "detectron2")
+    assert {"auto", "gather", "torchvision"} <= set(available_backends()) <= set(BACKENDS)
+    assert ("detectron2" in available_backends()) == detectron2_ops_available()

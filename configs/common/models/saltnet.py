@@ -38,7 +38,7 @@ model = L(SALTNet)(
         dgqp_channels=64,
         prior_prob=0.01,
         salt_on=True,
-        deform_backend="torchvision",
+        deform_backend="auto",
     ),
     head_in_features=["p3", "p4", "p5", "p6", "p7"],
     num_classes=80,

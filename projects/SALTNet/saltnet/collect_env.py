@@ -7,7 +7,7 @@ from importlib import metadata
 from detectron2.utils.collect_env import collect_env_info
 from tabulate import tabulate
 
-from .layers import available_backends, get_default_backend
+from .layers import available_backends
 from .layers.deform_conv import detectron2_ops_available
 
 
@@ -29,7 +29,7 @@ def saltnet_env_info() -> str:
     rows = [
         ("detectron2 origin", detectron2_origin()),
         ("detectron2 compiled ops (_C)", "yes" if detectron2_ops_available() else "no"),
-        ("deformable-conv backend", get_default_backend()),
+        ("deformable-conv backend", "MODEL.SALTNET.DEFORM_BACKEND (default auto)"),
         ("deformable-conv backends available", ", ".join(available_backends())),
     ]
     return tabulate(rows)

@@ -70,8 +70,9 @@ def add_saltnet_config(cfg):
     # SALT operator on/off. Off gives a plain GFLV2-style head (same towers, losses, quality).
     node.SALT_ON = True
     # Backend of every deformable conv (SALT, "dcnx" towers, DCN backbone stages):
-    # "torchvision" or "detectron2" (needs detectron2's compiled ops).
-    node.DEFORM_BACKEND = "torchvision"
+    # "auto" (gather on CPU tensors, torchvision on CUDA tensors), "gather", "torchvision",
+    # "triton" or "detectron2" (needs detectron2's compiled ops); see saltnet.layers.deform_conv.
+    node.DEFORM_BACKEND = "auto"
     # ATSS: top-k closest anchors per level; square anchors of side ANCHOR_SCALE x stride.
     node.ATSS_TOPK = 9
     node.ANCHOR_SCALE = 8.0

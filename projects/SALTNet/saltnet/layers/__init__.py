@@ -1,9 +1,3 @@
-from .deform_conv import (
-    DeformConv,
-    ModulatedDeformConv,
-    available_backends,
-    get_default_backend,
-    set_default_backend,
-)
+from .deform_conv import BACKENDS, DeformConv, ModulatedDeformConv, available_backends
 
 __all__ = [k for k in globals().keys() if not k.startswith("_")]

@@ -1,4 +1,4 @@
-"""Deformable convolution layers that run wherever torchvision runs.
+"""Deformable convolution layers with a choice of backend per layer.
 
 :class:`DeformConv` and :class:`ModulatedDeformConv` take the same constructor arguments and hold
 the same parameters (``weight`` of shape (C_out, C_in / groups, kH, kW), ``bias`` of shape
@@ -7,36 +7,43 @@ dicts move between the two in either direction. Offsets follow detectron2's layo
 (N, 2 x deformable_groups x kH x kW, H_out, W_out), each pair (dy, dx) in input-pixel units, in
 the raster order of the kernel; masks are (N, deformable_groups x kH x kW, H_out, W_out).
 
-Two backends compute the convolution:
+The backend (``MODEL.SALTNET.DEFORM_BACKEND``, the layers' ``backend`` argument) is one of:
 
-* ``"torchvision"`` (default): :func:`torchvision.ops.deform_conv2d`, on CPU and CUDA. Half and
-  bfloat16 inputs (e.g. under autocast) are computed in float32 and returned in the input dtype.
-* ``"detectron2"``: detectron2's compiled CUDA kernel, available only where detectron2 was built
-  with its ``_C`` extension; CUDA only, float32 only.
+* ``"auto"`` (default, also ``backend=None``): ``"gather"`` for CPU tensors, ``"torchvision"``
+  for CUDA tensors, decided at each call from the input's device.
+* ``"gather"``: bilinear sampling + one matrix product in plain PyTorch
+  (:mod:`saltnet.layers.gather_deform`), any device; several times faster than torchvision's
+  kernel on the CPU (README, "Deformable convolution").
+* ``"torchvision"``: :func:`torchvision.ops.deform_conv2d`, on CPU and CUDA; ONNX export
+  relies on this plain call.
+* ``"triton"``: a fused Triton kernel (:mod:`saltnet.layers.triton_deform`) on CUDA, or under
+  Triton's interpreter (``TRITON_INTERPRET=1``) on the CPU. Geometries it does not cover run
+  on torchvision; CPU tensors without the interpreter, or a process without Triton, run on
+  ``"gather"``; each fallback says so once in the log.
+* ``"detectron2"``: detectron2's compiled CUDA kernel, available only where detectron2 was
+  built with its ``_C`` extension; CUDA only, float32 only.
 
-The backend of a layer is fixed at construction (``backend=None`` takes the process default, see
-:func:`set_default_backend` and the ``SALTNET_DEFORM_CONV_BACKEND`` environment variable).
+Half and bfloat16 inputs (e.g. under autocast) are computed in float32 by the ``gather`` and
+``torchvision`` backends and returned in the input dtype.
 """
 
-import os
+import importlib
+import logging
 from typing import Optional
 
 import torch
 from detectron2.layers.wrappers import _NewEmptyTensorOp
+from detectron2.utils.logger import log_first_n
 from torch import nn
 from torch.nn.modules.utils import _pair
 from torchvision.ops import deform_conv2d
 
-__all__ = [
-    "DeformConv",
-    "ModulatedDeformConv",
-    "available_backends",
-    "get_default_backend",
-    "set_default_backend",
-]
+from .gather_deform import gather_deform_conv2d
 
-BACKENDS = ("torchvision", "detectron2")
-_default_backend = os.environ.get("SALTNET_DEFORM_CONV_BACKEND", "torchvision")
+__all__ = ["DeformConv", "ModulatedDeformConv", "available_backends", "BACKENDS"]
+
+BACKENDS = ("auto", "gather", "triton", "torchvision", "detectron2")
+_TRITON_MODULE = "saltnet.layers.triton_deform"
 
 
 def detectron2_ops_available() -> bool:
@@ -48,35 +55,64 @@ def detectron2_ops_available() -> bool:
     return True
 
 
+def _triton_module():
+    """:mod:`saltnet.layers.triton_deform`, or None where Triton cannot be imported. Imported
+    on first use: Triton decides at import whether its kernels run interpreted."""
+    try:
+        return importlib.import_module(_TRITON_MODULE)
+    except ImportError:
+        return None
+
+
 def available_backends():
-    """The backends that can run in this process, the default first."""
-    names = ["torchvision"]
+    """The backends that can run in this process."""
+    names = ["auto", "gather", "torchvision"]
+    triton_deform = _triton_module()
+    if triton_deform is not None and (torch.cuda.is_available() or triton_deform.INTERPRETED):
+        names.append("triton")
     if detectron2_ops_available():
         names.append("detectron2")
     return names
 
 
-def _check_backend(name: str) -> str:
+def _check_backend(name: Optional[str]) -> str:
+    name = "auto" if name is None else name
     if name not in BACKENDS:
         raise ValueError(f"Unknown deformable-conv backend {name!r}; choose one of {BACKENDS}.")
     if name == "detectron2" and not detectron2_ops_available():
         raise RuntimeError(
             "Deformable-conv backend 'detectron2' needs detectron2's compiled ops (detectron2._C), "
-            "which this detectron2 does not have. Use backend 'torchvision', or build detectron2 "
+            "which this detectron2 does not have. Use backend 'auto', or build detectron2 "
             "from source (see README, Installation)."
         )
     return name
 
 
-def get_default_backend() -> str:
-    """The backend that layers built with ``backend=None`` use."""
-    return _check_backend(_default_backend)
+def _fallback(message: str) -> None:
+    log_first_n(logging.WARNING, message, n=1, key="message")
 
 
-def set_default_backend(name: str) -> None:
-    """Set the backend for layers constructed from now on with ``backend=None``."""
-    global _default_backend
-    _default_backend = _check_backend(name)
+def _resolve_backend(backend: str, x, geometry) -> str:
+    """The backend that runs this call: ``auto`` by device, ``triton`` where it can run."""
+    if backend == "auto":
+        return "torchvision" if x.is_cuda else "gather"
+    if backend != "triton":
+        return backend
+    triton_deform = _triton_module()
+    if triton_deform is None:
+        _fallback("Deformable-conv backend 'triton': Triton is not installed; using 'gather'.")
+        return "gather"
+    if not x.is_cuda and not triton_deform.INTERPRETED:
+        _fallback(
+            "Deformable-conv backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 before "
+            "Triton is imported; using 'gather'."
+        )
+        return "gather"
+    problem = triton_deform.unsupported(x, *geometry)
+    if problem:
+        _fallback(f"Deformable-conv backend 'triton' does not cover {problem}; using torchvision.")
+        return "torchvision"
+    return "triton"
 
 
 def _empty_output(x, weight, stride, padding, dilation):
@@ -89,22 +125,19 @@ def _empty_output(x, weight, stride, padding, dilation):
     return _NewEmptyTensorOp.apply(x, [x.shape[0], weight.shape[0]] + spatial)
 
 
-def _torchvision_deform_conv(x, offset, mask, weight, bias, stride, padding, dilation):
-    """torchvision's kernel, in float32 for reduced-precision inputs; output in x's dtype."""
+def _in_float32(fn, x, offset, mask, weight, bias, *args):
+    """``fn(x, offset, mask, weight, bias, *args)``, in float32 (autocast off) for
+    reduced-precision inputs; output in x's dtype."""
     reduced = (torch.float16, torch.bfloat16)
-    if x.dtype in reduced or offset.dtype in reduced or weight.dtype in reduced:
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            out = deform_conv2d(
-                x.float(),
-                offset.float(),
-                weight.float(),
-                None if bias is None else bias.float(),
-                stride=stride,
-                padding=padding,
-                dilation=dilation,
-                mask=None if mask is None else mask.float(),
-            )
-        return out.to(x.dtype)
+    if x.dtype not in reduced and offset.dtype not in reduced and weight.dtype not in reduced:
+        return fn(x, offset, mask, weight, bias, *args)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        tensors = [None if t is None else t.float() for t in (x, offset, mask, weight, bias)]
+        return fn(*tensors, *args).to(x.dtype)
+
+
+def _torchvision_deform_conv(x, offset, mask, weight, bias, stride, padding, dilation):
+    """torchvision's kernel: a plain ``deform_conv2d`` call (what ONNX export traces)."""
     return deform_conv2d(
         x, offset, weight, bias, stride=stride, padding=padding, dilation=dilation, mask=mask
     )
@@ -163,7 +196,7 @@ class _DeformConvBase(nn.Module):
         self.deformable_groups = deformable_groups
         self.norm = norm
         self.activation = activation
-        self.backend = get_default_backend() if backend is None else _check_backend(backend)
+        self.backend = _check_backend(backend)
 
         self.weight = nn.Parameter(
             torch.empty(out_channels, in_channels // groups, *self.kernel_size)
@@ -192,25 +225,27 @@ class _DeformConvBase(nn.Module):
 
     def _deform_conv(self, x, offset, mask):
         self._check_inputs(x, offset, mask)
+        geometry = (self.weight, self.stride, self.padding, self.dilation)
         if x.numel() == 0:
-            out = _empty_output(x, self.weight, self.stride, self.padding, self.dilation)
-        elif self.backend == "torchvision":
-            out = _torchvision_deform_conv(
-                x, offset, mask, self.weight, self.bias, self.stride, self.padding, self.dilation
-            )
+            return self._norm_activation(_empty_output(x, *geometry))
+        backend = _resolve_backend(self.backend, x, geometry + (self.deformable_groups,))
+        if backend == "gather":
+            out = _in_float32(gather_deform_conv2d, x, offset, mask, *self._params(), self.groups)
+        elif backend == "torchvision":
+            out = _in_float32(_torchvision_deform_conv, x, offset, mask, *self._params())
+        elif backend == "triton":
+            out = _triton_module().triton_deform_conv2d(x, offset, mask, *self._params())
         else:
             out = _detectron2_deform_conv(
-                x,
-                offset,
-                mask,
-                self.weight,
-                self.bias,
-                self.stride,
-                self.padding,
-                self.dilation,
-                self.groups,
-                self.deformable_groups,
+                x, offset, mask, *self._params(), self.groups, self.deformable_groups
             )
+        return self._norm_activation(out)
+
+    def _params(self):
+        """(weight, bias, stride, padding, dilation): the convolution's own arguments."""
+        return self.weight, self.bias, self.stride, self.padding, self.dilation
+
+    def _norm_activation(self, out):
         if self.norm is not None:
             out = self.norm(out)
         if self.activation is not None:
