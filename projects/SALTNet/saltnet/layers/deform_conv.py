@@ -33,7 +33,6 @@ from typing import Optional
 
 import torch
 from detectron2.layers.wrappers import _NewEmptyTensorOp
-from detectron2.utils.logger import log_first_n
 from torch import nn
 from torch.nn.modules.utils import _pair
 from torchvision.ops import deform_conv2d
@@ -44,6 +43,8 @@ __all__ = ["DeformConv", "ModulatedDeformConv", "available_backends", "BACKENDS"
 
 BACKENDS = ("auto", "gather", "triton", "torchvision", "detectron2")
 _TRITON_MODULE = "saltnet.layers.triton_deform"
+_FALLBACKS_LOGGED = set()  # each fallback message is logged once per process
+logger = logging.getLogger(__name__)
 
 
 def detectron2_ops_available() -> bool:
@@ -89,7 +90,9 @@ def _check_backend(name: Optional[str]) -> str:
 
 
 def _fallback(message: str) -> None:
-    log_first_n(logging.WARNING, message, n=1, key="message")
+    if message not in _FALLBACKS_LOGGED:
+        _FALLBACKS_LOGGED.add(message)
+        logger.warning(message)
 
 
 def _resolve_backend(backend: str, x, geometry) -> str:
