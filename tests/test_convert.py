@@ -160,7 +160,7 @@ def test_head_keys_convert_exactly_and_reproduce_original_outputs():
         torch.randn(2, C, 12 >> min(i, 2), 10 >> min(i, 2), generator=gen) for i in range(5)
     ]
     with torch.no_grad():
-        scores, box_logits, coarse = head(features)
+        scores, box_logits, coarse, *_ = head(features)
         for level, x in enumerate(features):
             ref_scores, ref_logits, ref_coarse = original_forward_single(original, x, level)
             torch.testing.assert_close(coarse[level], ref_coarse)

@@ -105,7 +105,7 @@ def test_head_output_shapes_and_ranges(salt_on):
     head = SALTHead(input_shape=shapes, num_classes=NUM_CLASSES, salt_on=salt_on)
     sizes = [(12, 16), (6, 8), (3, 4), (2, 2), (1, 1)]
     features = [torch.randn(2, 32, h, w) for h, w in sizes]
-    scores, box_logits, coarse = head(features)
+    scores, box_logits, coarse, reg_points, cls_points = head(features)
     for level, (h, w) in enumerate(sizes):
         assert scores[level].shape == (2, NUM_CLASSES, h, w)
         assert ((scores[level] >= 0) & (scores[level] <= 1)).all()
@@ -113,7 +113,8 @@ def test_head_output_shapes_and_ranges(salt_on):
         if salt_on:
             assert coarse[level].shape == (2, 4, h, w)
             assert coarse[level].dtype == torch.float32 and (coarse[level] >= 0).all()
-    assert (coarse is None) == (not salt_on)
+            assert reg_points[level].shape == cls_points[level].shape == (2, 18, h, w)
+    assert (coarse is None) == (reg_points is None) == (cls_points is None) == (not salt_on)
 
 
 def test_forward_backward_reaches_every_parameter():
@@ -255,7 +256,7 @@ def test_builds_from_plain_keyword_arguments_with_any_backbone():
     )
     history, _ = train_steps(model, batch(), steps=3)
     assert all(torch.isfinite(torch.tensor(history)))
-    with pytest.raises(ValueError, match=r"no feature\(s\) \['p3'\]"):
+    with pytest.raises(ValueError, match=r"IN_FEATURES names \['p3'\]"):
         SALTNet(
             backbone=backbone,
             head=head,

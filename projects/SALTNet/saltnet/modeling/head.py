@@ -135,14 +135,17 @@ def _tower(
 class SALTHead(nn.Module):
     """Dense head of SALT-Net; with ``salt_on=False`` a plain GFLV2-style head.
 
-    ``forward(features)`` takes the list of FPN maps (N, C, Hi, Wi) and returns three per-level
+    ``forward(features)`` takes the list of FPN maps (N, C, Hi, Wi) and returns five per-level
     lists:
 
     * ``scores``: (N, K, Hi, Wi) joint class scores in [0, 1] = sigmoid(class logit) x quality;
     * ``box_logits``: (N, 4 x (reg_max + 1), Hi, Wi) refined box-distribution logits, sides in
       the order left, top, right, bottom, bins in stride units;
     * ``coarse``: (N, 4, Hi, Wi) coarse side distances in stride units (float32), or ``None``
-      for the plain head.
+      for the plain head;
+    * ``reg_points`` / ``cls_points``: (N, 18, Hi, Wi) the SALT operator's regression /
+      classification sampling points, nine (y, x) pairs in stride units from the anchor point
+      (float32; see the module doc), or ``None`` for the plain head.
     """
 
     @configurable
@@ -237,9 +240,9 @@ class SALTHead(nn.Module):
     def forward(self, features: List[torch.Tensor]):
         if len(features) != self.num_levels:
             raise ValueError(f"SALTHead built for {self.num_levels} levels, got {len(features)}.")
-        outputs = [self.forward_level(x, level) for level, x in enumerate(features)]
-        scores, box_logits, coarse = (list(o) for o in zip(*[out[:3] for out in outputs]))
-        return scores, box_logits, (coarse if self.salt_on else None)
+        outputs = zip(*[self.forward_level(x, level) for level, x in enumerate(features)])
+        scores, box_logits, *salt = (list(o) for o in outputs)
+        return (scores, box_logits, *(salt if self.salt_on else [None] * 3))
 
     def forward_level(self, x: torch.Tensor, level: int):
         """One level: returns (scores, box_logits, coarse, reg_points, cls_points).

@@ -8,7 +8,7 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, batched_nms, cat
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
-from detectron2.modeling.meta_arch.dense_detector import DenseDetector, permute_to_N_HWA_K
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.structures import Boxes, Instances
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
@@ -30,6 +30,8 @@ __all__ = ["SALTNet", "SDR_MODES"]
 logger = logging.getLogger(__name__)
 
 SDR_MODES = ("none", "gt", "distill", "both")
+# Per-detection fields of the SALT point sets (with SALTNet.output_point_sets).
+POINT_SET_FIELDS = ("pred_reg_points", "pred_cls_points")
 
 
 def head_input_shapes(backbone, in_features: List[str]) -> List[ShapeSpec]:
@@ -66,7 +68,14 @@ class SALTNet(DenseDetector):
     square anchor of side ``anchor_scale x stride`` per point, Quality Focal Loss on the joint
     score, GIoU + Distribution Focal Loss on the refined box, GIoU and self-distillation (SDR) on
     the coarse box.
+
+    Each detection records where it was decoded (``pred_levels``, ``pred_locations``). With
+    ``output_point_sets`` set True (SALT head only), it also carries the SALT point sets of its
+    location: ``pred_reg_points`` / ``pred_cls_points`` (D, 9, 2) xy pixels, in the input image's
+    frame like ``pred_boxes`` (what ``DefaultPredictor`` returns), in the order of a 3x3 kernel.
     """
+
+    output_point_sets = False
 
     @configurable
     def __init__(
@@ -159,13 +168,12 @@ class SALTNet(DenseDetector):
     # Training
     # ----------------------------------------------------------------------------------------
     def _flatten_predictions(self, predictions):
-        """Per-level head outputs -> (N, R, K) scores, (N, R, 4(reg_max+1)) logits, (N, R, 4)."""
-        scores, box_logits, coarse = predictions
-        scores = cat([permute_to_N_HWA_K(x, self.num_classes) for x in scores], dim=1)
-        box_logits = cat([permute_to_N_HWA_K(x, 4 * (self.reg_max + 1)) for x in box_logits], 1)
-        if coarse is not None:
-            coarse = cat([permute_to_N_HWA_K(x, 4) for x in coarse], dim=1)
-        return scores, box_logits, coarse
+        """Head outputs -> (N, R, K) scores, (N, R, 4 (reg_max + 1)) logits and (N, R, 4) coarse
+        distances (or None), R = all locations of all levels."""
+        groups = [g for g in predictions[:3] if g is not None]
+        dims = [self.num_classes, 4 * (self.reg_max + 1), 4][: len(groups)]
+        flat = [cat(g, dim=1) for g in self._transpose_dense_predictions(groups, dims)]
+        return flat[0], flat[1], (flat[2] if len(flat) == 3 else None)
 
     def _anchor_points(self, anchors: List[Boxes]) -> Tuple[Tensor, Tensor]:
         """Anchor points (R, 2) xy in pixels and the stride (R,) of each, all levels."""
@@ -295,48 +303,84 @@ class SALTNet(DenseDetector):
     # ----------------------------------------------------------------------------------------
     # Inference
     # ----------------------------------------------------------------------------------------
-    def forward_inference(self, images, features, predictions):
-        scores, box_logits, _ = predictions
-        anchors = self.anchor_generator(features)
-        results = []
-        for img_idx, image_size in enumerate(images.image_sizes):
-            per_level = [
-                self._decode_level(
-                    level,
-                    a.get_centers(),
-                    stride,
-                    permute_to_N_HWA_K(s[img_idx : img_idx + 1], self.num_classes)[0],
-                    permute_to_N_HWA_K(b[img_idx : img_idx + 1], 4 * (self.reg_max + 1))[0],
-                    image_size,
-                )
-                for level, (a, stride, s, b) in enumerate(
-                    zip(anchors, self.strides, scores, box_logits)
-                )
-            ]
-            pred = Instances.cat(per_level)
-            keep = batched_nms(
-                pred.pred_boxes.tensor, pred.scores, pred.pred_classes, self.test_nms_thresh
-            )
-            results.append(pred[keep[: self.max_detections_per_image]])
-        return results
+    def forward(self, batched_inputs: List[Dict[str, Tensor]]):
+        """:meth:`DenseDetector.forward`; in inference the point sets (``output_point_sets``) are
+        rescaled to each input's ``height`` / ``width``, as ``detector_postprocess`` does boxes."""
+        outputs = super().forward(batched_inputs)
+        if self.training or not self.output_point_sets:
+            return outputs
+        for output, inputs in zip(outputs, batched_inputs):
+            instances, (height, width) = output["instances"], inputs["image"].shape[-2:]
+            out_height, out_width = instances.image_size
+            scale = instances.scores.new_tensor([out_width / width, out_height / height])
+            for name in POINT_SET_FIELDS:
+                instances.set(name, instances.get(name) * scale)
+        return outputs
 
-    def _decode_level(self, level, points, stride, scores, box_logits, image_size) -> Instances:
+    def forward_inference(self, images, features, predictions):
+        """Detections of each image (:meth:`inference_single_image`), from the head's per-level
+        ``predictions`` (``features`` give only the levels' sizes). Their point sets, with
+        ``output_point_sets``, are in pixels of the network's input (``images``)."""
+        groups, dims = list(predictions[:2]), [self.num_classes, 4 * (self.reg_max + 1)]
+        if self.output_point_sets:
+            if len(predictions) < 5 or predictions[3] is None:
+                raise ValueError(
+                    "output_point_sets needs the SALT head's point sets; this head has none "
+                    "(MODEL.SALTNET.SALT_ON False)."
+                )
+            groups, dims = groups + list(predictions[3:5]), dims + [18, 18]
+        groups = self._transpose_dense_predictions(groups, dims)  # (N, Hi x Wi, dim) per level
+        centers = [a.get_centers() for a in self.anchor_generator(features)]
+        return [
+            self.inference_single_image(centers, [[x[i] for x in g] for g in groups], image_size)
+            for i, image_size in enumerate(images.image_sizes)
+        ]
+
+    def inference_single_image(self, centers, predictions, image_size) -> Instances:
+        """One image, as FCOS's: each level decoded (:meth:`_decode_level`), then class-wise NMS
+        and the ``max_detections_per_image`` best. ``centers``: (Ri, 2) anchor points (pixels)
+        per level; ``predictions``: the groups of ``forward_inference``, per level (Ri, dim).
+        """
+        pred = Instances.cat(
+            [
+                self._decode_level(level, c, stride, *p, image_size=image_size)
+                for level, (c, stride, *p) in enumerate(zip(centers, self.strides, *predictions))
+            ]
+        )
+        keep = batched_nms(
+            pred.pred_boxes.tensor, pred.scores, pred.pred_classes, self.test_nms_thresh
+        )
+        return pred[keep[: self.max_detections_per_image]]
+
+    def _decode_level(
+        self, level, centers, stride, scores, box_logits, *point_sets, image_size
+    ) -> Instances:
         """One level of one image: top-k locations by max joint score, then score threshold.
 
-        points (R, 2) pixels; scores (R, K); box_logits (R, 4 x (reg_max + 1)), R = H x W of the
-        level in raster order. Besides boxes, scores and classes, each detection records where it
-        was decoded: ``pred_levels`` (index into ``head_in_features``) and ``pred_locations``
-        (index in 0..R-1, i.e. row x W + column).
+        centers (R, 2) pixels; scores (R, K); box_logits (R, 4 x (reg_max + 1)); point_sets: none,
+        or (R, 18) regression and classification points; R = H x W of the level in raster order.
+        Each detection records ``pred_levels`` (index into ``head_in_features``),
+        ``pred_locations`` (index in 0..R-1, i.e. row x W + column) and the point sets' fields.
         """
         scores = scores.float()
+        # The release's nms_pre order: the test_topk_candidates locations with the highest
+        # max-over-classes score first, then the score threshold on their (location, class)
+        # pairs. DenseDetector._decode_per_level_predictions thresholds first and keeps the top-k
+        # pairs, which selects other candidates.
         num_topk = min(self.test_topk_candidates, scores.shape[0])
         top_locations = scores.max(dim=1).values.topk(num_topk).indices
         scores = scores[top_locations]
         location_idx, class_idx = (scores > self.test_score_thresh).nonzero(as_tuple=True)
         top_locations = top_locations[location_idx]
         distances = distribution_to_distances(box_logits[top_locations].float(), self.reg_max)
-        boxes = Boxes(distances_to_boxes(points[top_locations], distances * stride))
+        boxes = Boxes(distances_to_boxes(centers[top_locations], distances * stride))
         boxes.clip(image_size)
+        # (y, x) stride units from the anchor point -> (x, y) pixels.
+        points = {
+            name: yx[top_locations].float().unflatten(1, (9, 2)).flip(2) * stride
+            + centers[top_locations, None]
+            for name, yx in zip(POINT_SET_FIELDS, point_sets)
+        }
         return Instances(
             image_size,
             pred_boxes=boxes,
@@ -344,4 +388,5 @@ class SALTNet(DenseDetector):
             pred_classes=class_idx,
             pred_levels=torch.full_like(class_idx, level),
             pred_locations=top_locations,
+            **points,
         )
