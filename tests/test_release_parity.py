@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import timm
 import torch
@@ -302,3 +304,37 @@ def test_batch_without_positives_stays_finite():
     assert losses["loss_qfl"] > 0
     for name in ("loss_giou", "loss_dfl", "loss_coarse"):
         assert losses[name].item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Resizing
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "shape, expected",
+    [((480, 640), (800, 1067)), ((500, 2000), (333, 1333)), ((800, 800), (800, 800))],
+)
+def test_release_resize_is_opencv_bilinear_with_mmcv_sizes(shape, expected):
+    cfg = load_yaml_config(
+        str(REPO / "configs" / "salt_R_50_FPN_1x.yaml"), ["INPUT.RESIZE_BACKEND", "opencv"]
+    )
+    (resize,) = SALTNetDatasetMapper(cfg, is_train=False).augmentations.augs
+    image = (255 * torch.rand(*shape, 3, generator=torch.Generator().manual_seed(0))).byte()
+    image = image.numpy()
+    transform = resize.get_transform(image)
+    out = transform.apply_image(image)
+    assert out.shape[:2] == expected  # mmcv: int(side x min(1333 / long, 800 / short) + 0.5)
+    np.testing.assert_array_equal(
+        out, cv2.resize(image, expected[::-1], interpolation=cv2.INTER_LINEAR)
+    )
+    boxes = transform.apply_box(np.array([[0.0, 0.0, shape[1], shape[0]]]))
+    np.testing.assert_allclose(boxes, [[0, 0, expected[1], expected[0]]])
+
+
+def test_default_resize_stays_detectron2s_and_bad_backend_is_named():
+    cfg = load_yaml_config(str(REPO / "configs" / "salt_R_50_FPN_1x.yaml"))
+    (resize,) = SALTNetDatasetMapper(cfg, is_train=False).augmentations.augs
+    assert type(resize) is T.ResizeShortestEdge
+    cfg.defrost()
+    cfg.INPUT.RESIZE_BACKEND = "cv2"
+    with pytest.raises(ValueError, match="INPUT.RESIZE_BACKEND is 'cv2'.*'pil', 'opencv'"):
+        SALTNetDatasetMapper(cfg, is_train=False)

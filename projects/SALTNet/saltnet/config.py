@@ -93,6 +93,9 @@ def add_saltnet_config(cfg):
     node.TOPK_CANDIDATES_TEST = 1000
     node.SCORE_THRESH_TEST = 0.05
     node.NMS_THRESH_TEST = 0.6
+    # How images are resized: "pil" (detectron2's) or "opencv" (the release's: cv2 bilinear
+    # and mmcv's size rounding; use it to evaluate converted release checkpoints).
+    cfg.INPUT.RESIZE_BACKEND = "pil"
     return cfg
 
 

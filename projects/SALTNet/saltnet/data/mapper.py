@@ -1,6 +1,7 @@
 """detectron2's :class:`DatasetMapper` for box detection, reading images with
 :func:`saltnet.data.image_io.read_image` (greyscale, RGBA, palette, CMYK and 16-bit images become
-8-bit colour images; unreadable files raise :class:`ImageReadError` naming the file)."""
+8-bit colour images; unreadable files raise :class:`ImageReadError` naming the file), and resizing
+as ``INPUT.RESIZE_BACKEND`` says (detectron2's PIL resize, or the release's OpenCV one)."""
 
 import copy
 
@@ -11,6 +12,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
 from .image_io import read_image
+from .transforms import with_resize_backend
 
 __all__ = ["SALTNetDatasetMapper"]
 
@@ -19,6 +21,13 @@ class SALTNetDatasetMapper(DatasetMapper):
     """Same configuration and output as :class:`DatasetMapper` for boxes (``image``: uint8
     tensor (C, H, W); ``instances`` in training); masks, keypoints, semantic segmentation and
     precomputed proposals are not read."""
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        ret = super().from_config(cfg, is_train)
+        backend = cfg.INPUT.RESIZE_BACKEND
+        ret["augmentations"] = [with_resize_backend(a, backend) for a in ret["augmentations"]]
+        return ret
 
     def __call__(self, dataset_dict: dict) -> dict:
         dataset_dict = copy.deepcopy(dataset_dict)
