@@ -55,8 +55,9 @@ def get_parser():
     )
     parser.add_argument(
         "--output",
-        help="A file or directory to save output visualizations. "
-        "If not given, will show output in an OpenCV window.",
+        help="A file or directory to save output visualizations (created if missing; several "
+        "inputs or a trailing '/' mean a directory). If not given, will show output in an "
+        "OpenCV window.",
     )
     parser.add_argument(
         "--confidence-threshold",
@@ -85,11 +86,17 @@ def get_parser():
     return parser
 
 
-def output_path(args, input_path: str) -> str:
-    if os.path.isdir(args.output):
-        return os.path.join(args.output, os.path.basename(input_path))
-    if len(args.input) != 1:
-        raise ValueError("Several inputs need --output to be an existing directory.")
+def output_path(args, input_path: str, extension: str = "") -> str:
+    """Where to save the picture of ``input_path``: a file in ``--output`` if it is a directory
+    (an existing one, a path ending in "/", or the target of several inputs; created if missing),
+    else ``--output`` itself (its parent directory created if missing)."""
+    several = len(args.input or []) > 1
+    if several or args.output.endswith(("/", os.sep)) or os.path.isdir(args.output):
+        os.makedirs(args.output, exist_ok=True)
+        name = os.path.basename(input_path)
+        name = os.path.splitext(name)[0] + extension if extension else name
+        return os.path.join(args.output, name)
+    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     return args.output
 
 
@@ -125,12 +132,8 @@ def run_on_video(demo, args):
     if args.output:
         if args.webcam:
             raise ValueError("--output is not supported with --webcam.")
-        fname = args.output
-        if os.path.isdir(fname):
-            base = os.path.splitext(os.path.basename(args.video_input))[0]
-            fname = os.path.join(fname, base + ".mp4")
         writer = cv2.VideoWriter(
-            filename=fname,
+            filename=output_path(args, args.video_input, ".mp4"),
             fourcc=cv2.VideoWriter_fourcc(*"mp4v"),
             fps=float(video.get(cv2.CAP_PROP_FPS)),
             frameSize=(

@@ -8,7 +8,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
 from saltnet.config import load_yaml_config
-from saltnet.visualize import inference_with_point_sets
+from saltnet.visualize import point_set_predictor
 
 QUICK_YAML = "configs/quick_schedule/salt_R_18_synthetic.yaml"
 
@@ -30,20 +30,38 @@ def test_point_sets_belong_to_the_detections(trained_model):
     inputs = {"image": image, "height": 192, "width": 144}  # output frame: x 1.5, y 2
     with torch.no_grad():
         expected = model([inputs])[0]["instances"]
-    instances = inference_with_point_sets(model, [inputs])[0]["instances"]
+        model.output_point_sets = True
+        try:
+            instances = model([inputs])[0]["instances"]
+        finally:
+            model.output_point_sets = False
+        features = model.backbone(model.preprocess_image([inputs]).tensor)
+        point_maps = model.head([features[f] for f in model.head_in_features])[3:]
     assert len(instances) > 0
-    # The same detections as the model's own forward.
+    # The same detections as without point sets.
     assert torch.equal(instances.pred_boxes.tensor, expected.pred_boxes.tensor)
     assert torch.equal(instances.scores, expected.scores)
     assert torch.equal(instances.pred_classes, expected.pred_classes)
-    assert instances.reg_points.shape == instances.cls_points.shape == (len(instances), 9, 2)
+    assert not expected.has("pred_reg_points")
+    # Reference, one detection at a time: the head's (y, x) stride-unit maps at the detection's
+    # level and location, plus the anchor point (column, row), times the stride, rescaled.
+    output_scale = torch.tensor([1.5, 2.0])
+    for name, maps in zip(("pred_reg_points", "pred_cls_points"), point_maps):
+        assert instances.get(name).shape == (len(instances), 9, 2)
+        for k, (level, location) in enumerate(
+            zip(instances.pred_levels.tolist(), instances.pred_locations.tolist())
+        ):
+            row, col = divmod(location, maps[level].shape[-1])
+            yx = maps[level][0, :, row, col].view(9, 2)
+            xy = (yx.flip(1) + torch.tensor([col, row])) * model.strides[level] * output_scale
+            torch.testing.assert_close(instances.get(name)[k], xy)
 
     strides = torch.tensor(model.strides)[instances.pred_levels].float()
     padded_width = model.preprocess_image([inputs]).tensor.shape[-1]  # a multiple of all strides
     widths = torch.tensor([padded_width // s for s in model.strides])[instances.pred_levels]
     rows, cols = instances.pred_locations // widths, instances.pred_locations % widths
-    anchors = torch.stack([cols, rows], dim=1).float() * strides[:, None] * torch.tensor([1.5, 2])
-    reg = instances.reg_points
+    anchors = torch.stack([cols, rows], dim=1).float() * strides[:, None] * output_scale
+    reg = instances.pred_reg_points
     # Points 3 / 5 lie on the coarse box's left / right side, 1 / 7 on its top / bottom: the
     # anchor point lies between them.
     assert (reg[:, 3, 0] <= anchors[:, 0] + 1e-4).all() and (
@@ -52,14 +70,18 @@ def test_point_sets_belong_to_the_detections(trained_model):
     assert (reg[:, 1, 1] <= anchors[:, 1] + 1e-4).all() and (
         reg[:, 7, 1] >= anchors[:, 1] - 1e-4
     ).all()
-    assert torch.isfinite(instances.cls_points).all()
+    assert torch.isfinite(instances.pred_cls_points).all()
 
 
 def test_point_sets_need_the_salt_head(tiny_opts):
     cfg = load_yaml_config(QUICK_YAML, [*tiny_opts, "MODEL.SALTNET.SALT_ON", "False"])
     model = build_model(cfg).eval()
-    with pytest.raises(ValueError, match="SALT"):
-        inference_with_point_sets(model, [{"image": torch.zeros(3, 64, 64)}])
+    model.output_point_sets = True
+    with pytest.raises(ValueError, match="SALT_ON False"), torch.no_grad():
+        model([{"image": torch.zeros(3, 64, 64)}])
+    with pytest.raises(ValueError, match="SALT_ON False"):
+        point_set_predictor(cfg)
+    assert not point_set_predictor(cfg, show_points=False).model.output_point_sets
 
 
 @pytest.mark.slow
@@ -82,6 +104,13 @@ def test_demo_writes_pictures_with_and_without_points(
         pictures[flag] = cv2.imread(str(target))
         assert pictures[flag] is not None and pictures[flag].shape == (128, 128, 3)
     assert np.abs(pictures[""].astype(int) - pictures["--show-points"]).sum() > 0
+    # Several inputs (the README's glob example) into a directory that does not exist yet.
+    target = tmp_path / "new" / "out"
+    images = f"{synthetic_root}/val/00000[01].png"
+    weights = ["--opts", "MODEL.WEIGHTS", out / "model_final.pth"]
+    proc = run_tool("demo/demo.py", "--input", images, "--output", target, *weights)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in target.iterdir()) == ["000000.png", "000001.png"]
 
 
 @pytest.mark.slow

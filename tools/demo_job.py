@@ -19,16 +19,16 @@ import sys
 import time
 
 import cv2
+import numpy as np
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data import transforms as T
 from detectron2.engine import default_setup
 
 from saltnet.config import load_yaml_config
 from saltnet.data import register_datasets_from_cfg
 from saltnet.data.image_io import read_image
 from saltnet.engine import SALTNetTrainer
-from saltnet.visualize import draw_predictions_and_gt, inference_with_point_sets
+from saltnet.visualize import draw_predictions_and_gt, point_set_predictor
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 logger = logging.getLogger("detectron2")
@@ -56,23 +56,20 @@ def get_parser():
     return parser
 
 
-def draw_validation_images(cfg, model, out_dir: str, num_images: int) -> None:
-    """Save detections (+ points of the top 2) next to the ground truth for validation images."""
+def draw_validation_images(cfg, weights: str, out_dir: str, num_images: int) -> None:
+    """Save detections (+ points of the top 2) next to the ground truth for validation images,
+    predicted by ``DefaultPredictor`` with ``weights``."""
     os.makedirs(out_dir, exist_ok=True)
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.WEIGHTS = weights
+    predictor = point_set_predictor(cfg)
     dataset_name = cfg.DATASETS.TEST[0]
     metadata = MetadataCatalog.get(dataset_name)
-    aug = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
-    model.eval()
     for record in DatasetCatalog.get(dataset_name)[:num_images]:
-        image = read_image(record["file_name"], format=cfg.INPUT.FORMAT)
-        resized = aug.get_transform(image).apply_image(image)
-        inputs = {
-            "image": torch.as_tensor(resized.astype("float32").transpose(2, 0, 1)),
-            "height": image.shape[0],
-            "width": image.shape[1],
-        }
-        instances = inference_with_point_sets(model, [inputs])[0]["instances"].to("cpu")
-        rgb = image if cfg.INPUT.FORMAT == "RGB" else image[:, :, ::-1]
+        image_bgr = read_image(record["file_name"], format="BGR")
+        instances = predictor(image_bgr)["instances"].to("cpu")
+        rgb = np.ascontiguousarray(image_bgr[:, :, ::-1])
         picture = draw_predictions_and_gt(rgb, instances, record, metadata, num_point_instances=2)
         name = os.path.splitext(os.path.basename(record["file_name"]))[0] + ".jpg"
         cv2.imwrite(os.path.join(out_dir, name), picture[:, :, ::-1])
@@ -93,7 +90,8 @@ def main(args) -> int:
     ap = {k: trainer.storage.history(f"bbox/{k}").latest() for k in ("AP", "AP50", "AP75")}
 
     vis_dir = os.path.join(cfg.OUTPUT_DIR, "vis")
-    draw_validation_images(cfg, trainer.model, vis_dir, args.num_vis)
+    checkpoint = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+    draw_validation_images(cfg, checkpoint, vis_dir, args.num_vis)
     end = time.perf_counter()
     summary = [
         "SALT-Net demo job summary",
@@ -104,7 +102,7 @@ def main(args) -> int:
         f"on {cfg.DATASETS.TEST[0]}",
         f"  wall time:  {(end - start) / 60:.1f} min = dataset {data_end - start:.0f} s + "
         f"training and evaluation {train_end - data_end:.0f} s + pictures {end - train_end:.0f} s",
-        f"  checkpoint: {os.path.join(cfg.OUTPUT_DIR, 'model_final.pth')}",
+        f"  checkpoint: {checkpoint}",
         f"  pictures:   {vis_dir} (left: detections, red / blue = SALT regression / "
         "classification points; right: ground truth)",
     ]
