@@ -26,6 +26,7 @@ from detectron2.utils import comm
 
 from saltnet.checkpoint import AtomicCheckpointer
 from saltnet.config import load_yaml_config
+from saltnet.config_checks import check_num_classes
 from saltnet.data import register_datasets, register_datasets_from_cfg
 from saltnet.engine import (
     SALTNetAMPTrainer,
@@ -74,6 +75,8 @@ def do_train_lazy(args, cfg):
     cfg.optimizer.params.model = model
     optim = instantiate(cfg.optimizer)
     train_loader = instantiate(cfg.dataloader.train)
+    if "num_classes" in cfg.model:  # after loading: COCO sets the classes then
+        check_num_classes(cfg.model.num_classes, cfg.dataloader.train.dataset_names)
 
     model = create_ddp_model(model, device_ids=ddp_device_ids(model), **cfg.train.ddp)
     trainer_cls = SALTNetAMPTrainer if cfg.train.amp.enabled else SALTNetSimpleTrainer

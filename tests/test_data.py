@@ -19,6 +19,7 @@ from saltnet.data import (
     register_voc_folder,
     synthetic,
 )
+from saltnet.data.loader import load_train_dataset_dicts
 
 QUICK_YAML = "configs/quick_schedule/salt_R_18_synthetic.yaml"
 
@@ -119,8 +120,6 @@ def test_coco_json_missing_files_are_named(coco_dir):
 @pytest.mark.parametrize(
     "corrupt, message",
     [
-        (lambda d: d["annotations"][1].pop("bbox"), "no 'bbox'"),
-        (lambda d: d["annotations"][1].update(bbox=[1, 2, 3]), "malformed bbox"),
         (lambda d: d["annotations"][1].update(category_id=7), "category_id=7"),
         (lambda d: d["annotations"][1].pop("category_id"), "category_id"),
         (lambda d: d.update(images=[], annotations=[]), "lists no images"),
@@ -135,6 +134,17 @@ def test_coco_json_malformed_annotations_are_clear_errors(coco_dir, corrupt, mes
     with pytest.raises(ValueError, match=message) as info:
         DatasetCatalog.get(name)
     assert "bad.json" in str(info.value)
+
+
+@pytest.mark.parametrize("corrupt", [lambda a: a.pop("bbox"), lambda a: a.update(bbox=[1, 2, 3])])
+def test_coco_json_malformed_boxes_stop_before_training(coco_dir, corrupt):
+    data = json.loads((coco_dir / "ann.json").read_text())
+    corrupt(data["annotations"][1])
+    (coco_dir / "bad.json").write_text(json.dumps(data))
+    name = _name("coco_bad")
+    register_coco_json(name, str(coco_dir / "bad.json"), str(coco_dir / "images"))
+    with pytest.raises(ValueError, match="malformed bbox"):
+        load_train_dataset_dicts(name)
 
 
 def test_coco_json_invalid_json(coco_dir):
@@ -180,7 +190,7 @@ def test_voc_folder_missing_parts_are_named(voc_dir, tmp_path):
     name = _name("voc")
     register_voc_folder(name, str(voc_dir), "train", class_names=["cat", "dog"])
     with pytest.raises(FileNotFoundError, match="000002.jpg"):
-        DatasetCatalog.get(name)
+        load_train_dataset_dicts(name)
 
 
 def test_voc_folder_malformed_annotations(voc_dir):

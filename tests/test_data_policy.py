@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import QUICK_YAML
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, BoxMode, Instances
 from detectron2.utils.events import EventStorage
@@ -36,15 +37,16 @@ def _record(annotations, file_name="img.jpg", width=100, height=50):
     )
 
 
-def test_box_policy_clips_drops_and_keeps(caplog):
+def test_box_policy_drops_and_keeps(caplog):
     record = _record(
         [
             _ann([10, 10, 20, 20]),  # kept
-            _ann([-5, 40, 30, 60], id=7),  # clipped to [0, 40, 30, 50]
-            _ann([90, 10, 20, 5], mode=XYWH),  # XYWH, clipped to [90, 10, 100, 15]
+            _ann([-5, 40, 30, 60], id=7),  # partly outside: kept (the mapper clips it)
+            _ann([90, 10, 20, 5], mode=XYWH),  # XYWH, partly outside: kept as XYXY
             _ann([30, 30, 20, 40], id=8),  # inverted x: dropped
             _ann([40, 10, 40, 30]),  # zero width: dropped
             _ann([120, 10, 130, 20]),  # outside the image: dropped
+            _ann([99.5, 10, 130, 20]),  # 0.5 px inside the image: dropped
             _ann([30, 30, 20, 40], iscrowd=1),  # crowd: kept as is
         ]
     )
@@ -52,13 +54,23 @@ def test_box_policy_clips_drops_and_keeps(caplog):
     with caplog.at_level(logging.WARNING, logger="saltnet.data.sanitize"):
         (out,) = sanitize_dataset_dicts([record], num_classes=2, dataset_name="toy")
     boxes = [a["bbox"] for a in out["annotations"]]
-    assert boxes == [[10, 10, 20, 20], [0, 40, 30, 50], [90, 10, 100, 15], [30, 30, 20, 40]]
+    assert boxes == [[10, 10, 20, 20], [-5, 40, 30, 60], [90, 10, 110, 15], [30, 30, 20, 40]]
     assert all(a["bbox_mode"] == XYXY for a in out["annotations"])
     assert record["annotations"] == original  # the input is not modified
     text = caplog.text
     assert "dropped 1 boxes with inverted corners, e.g. annotation id 8 of image 'img.jpg'" in text
-    assert "dropped 2 boxes narrower or lower than 1.0 px" in text
-    assert "clipped 2 boxes to the image, e.g. annotation id 7" in text
+    assert "dropped 3 boxes narrower or lower than 1.0 px inside the image" in text
+
+
+def test_detectron2s_mapper_clips_boxes_partly_outside_the_image(tmp_path):
+    """The clipping of the README's policy is detectron2's (after resizing): no second copy."""
+    path = _write_image(tmp_path / "img.png", np.zeros((50, 100, 3), np.uint8))
+    record = _record([_ann([-5, 40, 30, 60]), _ann([90, 10, 110, 15])], file_name=path)
+    (record,) = sanitize_dataset_dicts([record], num_classes=2)
+    mapper = SALTNetDatasetMapper(load_yaml_config(QUICK_YAML), is_train=True)
+    mapper.augmentations = T.AugmentationList([])  # no resize, no flip: pixels as given
+    boxes = mapper(record)["instances"].gt_boxes.tensor.tolist()
+    assert boxes == [[0, 40, 30, 50], [90, 10, 100, 15]]
 
 
 @pytest.mark.parametrize(
@@ -69,6 +81,8 @@ def test_box_policy_clips_drops_and_keeps(caplog):
         (_ann([1, 2, 3, 4], category="cat"), "category_id='cat'"),
         (_ann([1, 2, float("nan"), 4], id=4), "annotation id 4 .*malformed bbox"),
         (_ann([1, 2, 3]), "malformed bbox"),
+        (_ann(None, id=5), "annotation id 5 .*malformed bbox None"),
+        (_ann([1, "two", 3, 4]), "malformed bbox"),
     ],
 )
 def test_bad_annotations_stop_with_file_and_annotation(annotation, message):
@@ -100,16 +114,28 @@ def _write_image(path, array, mode=None):
 
 def test_empty_or_boxless_datasets_stop_early(tmp_path):
     with pytest.raises(ValueError, match="has no images"):
-        load_train_dataset_dicts(_register([]), num_classes=2)
+        load_train_dataset_dicts(_register([]))
     image = _write_image(tmp_path / "x.png", np.zeros((20, 30, 3), np.uint8))
     degenerate = _record([_ann([5, 5, 5, 9])], file_name=image, width=30, height=20)
     name = _register([degenerate])
     with pytest.raises(ValueError, match="no image with a usable box"):
-        load_train_dataset_dicts(name, num_classes=2)
-    kept = load_train_dataset_dicts(name, num_classes=2, filter_empty=False)
+        load_train_dataset_dicts(name)
+    kept = load_train_dataset_dicts(name, filter_empty=False)
     assert kept[0]["annotations"] == []
     with pytest.raises(KeyError, match="not registered"):
-        load_train_dataset_dicts("no_such_dataset", num_classes=2)
+        load_train_dataset_dicts("no_such_dataset")
+
+
+def test_category_ids_are_checked_against_the_datasets_classes(tmp_path):
+    image = _write_image(tmp_path / "x.png", np.zeros((20, 30, 3), np.uint8))
+    record = _record([_ann([5, 5, 15, 15], category=2, id=9)], file_name=image, width=30, height=20)
+    with pytest.raises(ValueError, match=r"annotation id 9 .*category_id=2.*2 classes"):
+        load_train_dataset_dicts(_register([record], classes=("a", "b")))
+    assert load_train_dataset_dicts(_register([record], classes=("a", "b", "c")))
+    name = f"policy_{uuid.uuid4().hex[:8]}"
+    DatasetCatalog.register(name, lambda: [record])  # no thing_classes
+    with pytest.raises(ValueError, match=f"{name}.* no thing_classes"):
+        load_train_dataset_dicts(name)
 
 
 @pytest.fixture(scope="module")

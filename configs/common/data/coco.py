@@ -1,7 +1,7 @@
 """COCO 2017 detection: RGB input, shorter side 800 (longer at most 1333), horizontal flip.
 
 Training goes through SALT-Net's loader (box policy, robust image reading, exact resume); see
-``saltnet/data/loader.py``. ``num_classes`` and ``seed`` come from ``model`` and ``train``.
+``saltnet/data/loader.py``. ``seed`` comes from ``train``.
 """
 
 import detectron2.data.transforms as T
@@ -26,7 +26,6 @@ dataloader.train = L(build_saltnet_train_loader)(
         image_format="RGB",
     ),
     total_batch_size=16,
-    num_classes="${model.num_classes}",
     num_workers=4,
     seed="${train.seed}",
 )

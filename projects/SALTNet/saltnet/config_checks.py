@@ -9,7 +9,7 @@ import difflib
 import logging
 import os
 from functools import reduce
-from typing import Dict, Iterator, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import yaml
 from detectron2.config import CfgNode
@@ -157,16 +157,16 @@ def _class_list(names: Sequence[str], limit: int = 10) -> str:
     return f"[{', '.join(map(repr, names[:limit]))}{', ...' if len(names) > limit else ''}]"
 
 
-def check_num_classes(cfg: CfgNode, dataset_names: Sequence[str]) -> None:
-    """Compare ``MODEL.SALTNET.NUM_CLASSES`` of a ``SALTNet`` config with the ``thing_classes`` of
-    the datasets named (call it after ``DatasetCatalog.get``, which sets a COCO json dataset's).
+def check_num_classes(num_classes: int, dataset_names: Union[str, Sequence[str]]) -> None:
+    """Compare the model's class count (``MODEL.SALTNET.NUM_CLASSES``, a LazyConfig's
+    ``model.num_classes``) with the ``thing_classes`` of the datasets named (call it after
+    ``DatasetCatalog.get``, which sets a COCO json dataset's). Datasets without them are skipped.
 
     Raises ConfigError if the datasets' class lists differ or have more classes than the model;
-    fewer only warn. Datasets without ``thing_classes`` are skipped.
+    fewer only warn.
     """
-    if cfg.MODEL.META_ARCHITECTURE != "SALTNet":
-        return
-    found = [(n, MetadataCatalog.get(n).get("thing_classes")) for n in dataset_names]
+    names = [dataset_names] if isinstance(dataset_names, str) else dataset_names
+    found = [(n, MetadataCatalog.get(n).get("thing_classes")) for n in names]
     found = [(n, list(c)) for n, c in found if c is not None]
     for name, classes in found[1:]:
         if classes != found[0][1]:
@@ -175,17 +175,17 @@ def check_num_classes(cfg: CfgNode, dataset_names: Sequence[str]) -> None:
                 f"{len(found[0][1])} {_class_list(found[0][1])} but {name!r} has {len(classes)} "
                 f"{_class_list(classes)}. Datasets trained together must share one class list."
             )
-    num_classes = cfg.MODEL.SALTNET.NUM_CLASSES
     name, classes = found[0] if found else ("", [])
     if len(classes) > num_classes:
         raise ConfigError(
-            f"Dataset {name!r} has {len(classes)} classes {_class_list(classes)} but "
-            f"MODEL.SALTNET.NUM_CLASSES is {num_classes}; set MODEL.SALTNET.NUM_CLASSES "
+            f"Dataset {name!r} has {len(classes)} classes {_class_list(classes)} but the model "
+            f"has {num_classes} (MODEL.SALTNET.NUM_CLASSES, model.num_classes); set it to "
             f"{len(classes)}."
         )
     if 0 < len(classes) < num_classes:
         logger.warning(
-            f"Dataset {name!r} has {len(classes)} classes but MODEL.SALTNET.NUM_CLASSES is "
-            f"{num_classes}: {num_classes - len(classes)} classifier outputs are never trained "
-            f"as positives. Set MODEL.SALTNET.NUM_CLASSES {len(classes)} unless intended."
+            f"Dataset {name!r} has {len(classes)} classes but the model has {num_classes} "
+            f"(MODEL.SALTNET.NUM_CLASSES, model.num_classes): {num_classes - len(classes)} "
+            f"classifier outputs are never trained as positives. Set it to {len(classes)} "
+            "unless intended."
         )

@@ -118,7 +118,8 @@ class SALTNetTrainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         loader = build_saltnet_train_loader(cfg)
-        check_num_classes(cfg, cfg.DATASETS.TRAIN)  # after loading: COCO sets the classes then
+        if cfg.MODEL.META_ARCHITECTURE == "SALTNet":  # after loading: COCO sets the classes then
+            check_num_classes(cfg.MODEL.SALTNET.NUM_CLASSES, cfg.DATASETS.TRAIN)
         return loader
 
     @classmethod

@@ -82,13 +82,15 @@ class SeededMapDataset(Dataset):
 
 
 def load_train_dataset_dicts(
-    dataset_names: Union[str, Sequence[str]], num_classes: int, filter_empty: bool = True
+    dataset_names: Union[str, Sequence[str]], filter_empty: bool = True
 ) -> List[dict]:
-    """The dicts of all ``dataset_names``, checked and fixed by :mod:`saltnet.data.sanitize`.
+    """The dicts of all ``dataset_names``, checked and fixed by :mod:`saltnet.data.sanitize`
+    (category ids against each dataset's ``thing_classes``).
 
     Raises KeyError (listing the registered names) for an unknown dataset, FileNotFoundError for
-    missing image files and ValueError for an empty dataset, a dataset whose images all lack
-    boxes (with ``filter_empty``), and annotations that break the box policy.
+    missing image files and ValueError for an empty dataset, a dataset without ``thing_classes``,
+    a dataset whose images all lack boxes (with ``filter_empty``), and annotations that break
+    the box policy.
     """
     names = [dataset_names] if isinstance(dataset_names, str) else list(dataset_names)
     if not names:
@@ -98,15 +100,19 @@ def load_train_dataset_dicts(
         dicts = DatasetCatalog.get(name)
         if not dicts:
             raise ValueError(f"Dataset {name!r} has no images.")
+        classes = MetadataCatalog.get(name).get("thing_classes")
+        if classes is None:
+            raise ValueError(
+                f"Dataset {name!r} has no thing_classes in its MetadataCatalog entry; set them "
+                "(the name of class i = category_id i)."
+            )
         check_image_files(dicts, name)
-        dataset_dicts += sanitize_dataset_dicts(dicts, num_classes, name)
+        dataset_dicts += sanitize_dataset_dicts(dicts, len(classes), name)
     if filter_empty:
         dataset_dicts = filter_images_with_only_crowd_annotations(dataset_dicts)
     if not dataset_dicts:
         raise ValueError(f"Datasets {names} have no image with a usable box.")
-    class_names = MetadataCatalog.get(names[0]).get("thing_classes")
-    if class_names:
-        print_instances_class_histogram(dataset_dicts, class_names)
+    print_instances_class_histogram(dataset_dicts, MetadataCatalog.get(names[0]).thing_classes)
     return dataset_dicts
 
 
@@ -120,7 +126,6 @@ def _train_loader_from_config(cfg, mapper=None):
         "dataset_names": cfg.DATASETS.TRAIN,
         "mapper": mapper if mapper is not None else SALTNetDatasetMapper(cfg, is_train=True),
         "total_batch_size": cfg.SOLVER.IMS_PER_BATCH,
-        "num_classes": cfg.MODEL.SALTNET.NUM_CLASSES,
         "aspect_ratio_grouping": cfg.DATALOADER.ASPECT_RATIO_GROUPING,
         "filter_empty": cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
         "num_workers": cfg.DATALOADER.NUM_WORKERS,
@@ -133,7 +138,6 @@ def build_saltnet_train_loader(
     dataset_names: Union[str, Sequence[str]],
     mapper: Callable,
     total_batch_size: int,
-    num_classes: int,
     *,
     aspect_ratio_grouping: bool = True,
     filter_empty: bool = True,
@@ -151,7 +155,7 @@ def build_saltnet_train_loader(
             f"Total batch size ({total_batch_size}) must be divisible by the number of "
             f"processes ({world_size})."
         )
-    dataset_dicts = load_train_dataset_dicts(dataset_names, num_classes, filter_empty)
+    dataset_dicts = load_train_dataset_dicts(dataset_names, filter_empty)
     groups = (
         aspect_ratio_groups(dataset_dicts) if aspect_ratio_grouping else [0] * len(dataset_dicts)
     )

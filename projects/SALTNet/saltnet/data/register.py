@@ -70,23 +70,12 @@ def _require_dir(path: str, what: str) -> None:
         raise FileNotFoundError(f"{what} {path!r} does not exist or is not a directory.")
 
 
-def _check_boxes(dicts: List[Dict], source: str) -> None:
-    for record in dicts:
-        for k, obj in enumerate(record.get("annotations", [])):
-            where = f"{source}: object {k} of image {record['file_name']!r}"
-            box = obj.get("bbox")
-            if box is None:
-                raise ValueError(f"{where} has no 'bbox'.")
-            if len(box) != 4 or not all(isinstance(v, (int, float)) for v in box):
-                raise ValueError(f"{where} has a malformed bbox {box!r}; expected 4 numbers.")
-
-
 def load_checked_coco_json(json_file: str, image_root: str, dataset_name: str) -> List[Dict]:
     """:func:`detectron2.data.datasets.load_coco_json`, with clear errors for broken files.
 
-    Raises ValueError naming the file for invalid JSON, annotations without a well-formed bbox
-    (XYWH pixels) or category id, category ids missing from ``categories``, and a dataset
-    without images.
+    Raises ValueError naming the file for invalid JSON, annotations without a category id,
+    category ids missing from ``categories``, and a dataset without images. Boxes and image
+    files are checked with the rest of the data policy (:mod:`saltnet.data.sanitize`).
     """
     _require_file(json_file, "COCO annotation file")
     try:
@@ -97,7 +86,6 @@ def load_checked_coco_json(json_file: str, image_root: str, dataset_name: str) -
         raise ValueError(f"Malformed annotation in {json_file!r}: {e}") from e
     if not dicts:
         raise ValueError(f"Dataset {dataset_name!r}: {json_file!r} lists no images.")
-    _check_boxes(dicts, json_file)
     return dicts
 
 
@@ -168,7 +156,6 @@ def load_voc_folder(dirname: str, split: str, class_names: Sequence[str]) -> Lis
         file_name = os.path.join(
             dirname, "JPEGImages", tree.findtext("filename") or f"{file_id}.jpg"
         )
-        _require_file(file_name, f"Image of {xml_file!r}:")
         try:
             height, width = int(tree.findtext("size/height")), int(tree.findtext("size/width"))
         except (TypeError, ValueError):  # no usable <size>: read it from the image header
@@ -204,7 +191,6 @@ def load_voc_folder(dirname: str, split: str, class_names: Sequence[str]) -> Lis
         )
     if not dicts:
         raise ValueError(f"VOC split {split!r} of {dirname!r} lists no images.")
-    _check_boxes(dicts, f"VOC folder {dirname!r}")
     return dicts
 
 

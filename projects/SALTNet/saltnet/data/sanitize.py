@@ -1,17 +1,19 @@
-"""The box policy of SALT-Net training data: what is fixed up (with a warning) and what stops.
+"""The data policy of SALT-Net training: the checks detectron2 lacks, in one place.
 
-Applied to the dataset dicts of ``DATASETS.TRAIN`` before training (README "Robustness"):
+Applied to the dataset dicts of ``DATASETS.TRAIN`` before training (README "Robustness"); the
+image-file check also to test datasets:
 
 - an image file that does not exist: stop, listing the missing files;
-- a box that is not 4 finite numbers, or a ``category_id`` outside ``[0, num_classes)``: stop,
-  naming the file and the annotation;
-- a box with inverted corners (x1 < x0 or y1 < y0, XYXY pixels): dropped;
-- a box partly outside the image: clipped to the image;
-- a box with less than ``min_size`` pixels of width or height after clipping (zero-area or
+- a box missing or not 4 finite numbers, or a ``category_id`` outside the dataset's classes
+  (``thing_classes``): stop, naming the file and the annotation;
+- a box with inverted corners (x1 < x0 or y1 < y0, XYXY pixels): dropped (detectron2 would
+  silently swap them);
+- a box with less than ``min_size`` pixels of width or height inside the image (zero-area or
   outside the image): dropped.
 
-Dropped and clipped boxes are counted and logged once per dataset with an example each. Crowd
-boxes (``iscrowd=1``, ignored in training) are checked but never changed.
+Dropped boxes are counted and logged once per dataset with an example each. Crowd boxes
+(``iscrowd=1``, ignored in training) are checked but never changed. Boxes partly outside the
+image are left to detectron2's mapper, which clips them after resizing.
 """
 
 import logging
@@ -50,33 +52,32 @@ def _sanitize_box(record: dict, k: int, obj: dict, num_classes: int, min_size: f
     category = obj.get("category_id")
     if not isinstance(category, numbers.Integral) or not 0 <= category < num_classes:
         raise ValueError(
-            f"{_describe(record, k, obj)} has category_id={category!r}; the model has "
-            f"MODEL.SALTNET.NUM_CLASSES={num_classes} (valid ids: 0..{num_classes - 1})."
+            f"{_describe(record, k, obj)} has category_id={category!r}; the dataset has "
+            f"{num_classes} classes (valid ids: 0..{num_classes - 1})."
         )
     box = obj.get("bbox")
-    if box is None or len(box) != 4 or not all(math.isfinite(float(v)) for v in box):
+    if (
+        not isinstance(box, (list, tuple))
+        or len(box) != 4
+        or not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in box)
+    ):
         raise ValueError(f"{_describe(record, k, obj)} has a malformed bbox {box!r}.")
     x0, y0, x1, y1 = BoxMode.convert(list(map(float, box)), obj["bbox_mode"], BoxMode.XYXY_ABS)
     if obj.get("iscrowd", 0):
         return [x0, y0, x1, y1], "kept"
     if x1 < x0 or y1 < y0:
         return None, "inverted"
-    what = "kept"
-    if "width" in record and "height" in record:
-        w, h = record["width"], record["height"]
-        clipped = [min(max(v, 0.0), lim) for v, lim in zip((x0, y0, x1, y1), (w, h, w, h))]
-        if clipped != [x0, y0, x1, y1]:
-            what = "clipped"
-            x0, y0, x1, y1 = clipped
-    if x1 - x0 < min_size or y1 - y0 < min_size:
+    w, h = record.get("width", math.inf), record.get("height", math.inf)
+    if min(x1, w) - max(x0, 0.0) < min_size or min(y1, h) - max(y0, 0.0) < min_size:
         return None, "degenerate"
-    return [x0, y0, x1, y1], what
+    return [x0, y0, x1, y1], "kept"
 
 
 def sanitize_dataset_dicts(
     dataset_dicts: Sequence[dict], num_classes: int, dataset_name: str = "", min_size: float = 1.0
 ) -> List[dict]:
-    """Apply the policy of the module doc; returns new dicts (the input is not modified).
+    """Apply the policy of the module doc to the dicts of a dataset of ``num_classes`` classes;
+    returns new dicts (the input is not modified).
 
     Boxes come back in ``BoxMode.XYXY_ABS`` (pixels). Raises ValueError naming the image and the
     annotation for malformed boxes and unknown category ids.
@@ -98,8 +99,7 @@ def sanitize_dataset_dicts(
         result.append(dict(record, annotations=annotations))
     reasons = {
         "inverted": "dropped {} boxes with inverted corners",
-        "degenerate": "dropped {} boxes narrower or lower than {} px (after clipping)",
-        "clipped": "clipped {} boxes to the image",
+        "degenerate": "dropped {} boxes narrower or lower than {} px inside the image",
     }
     for what, message in reasons.items():
         if counts[what]:
