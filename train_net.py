@@ -26,8 +26,8 @@ from detectron2.utils import comm
 
 from saltnet.checkpoint import AtomicCheckpointer
 from saltnet.config import load_yaml_config
-from saltnet.config_checks import check_num_classes
 from saltnet.data import register_datasets, register_datasets_from_cfg
+from saltnet.data.sanitize import check_num_classes
 from saltnet.engine import (
     SALTNetAMPTrainer,
     SALTNetSimpleTrainer,

@@ -1,11 +1,8 @@
 """Config mistakes give errors that name the problem, where it is and the valid choices."""
 
-import logging
-import uuid
 from pathlib import Path
 
 import pytest
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 
 from saltnet.config import get_saltnet_cfg
@@ -13,7 +10,6 @@ from saltnet.config_checks import (
     ConfigError,
     UnknownConfigKeyError,
     check_config,
-    check_num_classes,
     merge_config,
 )
 
@@ -176,50 +172,3 @@ def test_saltnet_keys_not_checked_for_other_architectures():
     cfg = get_saltnet_cfg()  # GeneralizedRCNN
     cfg.MODEL.SALTNET.SDR_MODE = "bogus"
     check_config(cfg)
-
-
-@pytest.fixture
-def datasets():
-    """Register in-memory datasets with given thing_classes; removed after the test."""
-    names = []
-
-    def register(classes):
-        name = f"test_config_errors_{uuid.uuid4().hex[:8]}"
-        DatasetCatalog.register(name, lambda: [])
-        if classes is not None:
-            MetadataCatalog.get(name).set(thing_classes=list(classes))
-        names.append(name)
-        return name
-
-    yield register
-    for name in names:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-
-
-def test_dataset_with_more_classes_than_model(datasets):
-    name = datasets(["a", "b", "c"])
-    with pytest.raises(ConfigError) as info:
-        check_num_classes(2, name)
-    message = str(info.value)
-    assert f"Dataset {name!r} has 3 classes ['a', 'b', 'c'] but the model has 2" in message
-    assert "(MODEL.SALTNET.NUM_CLASSES, model.num_classes); set it to 3" in message
-
-
-def test_dataset_with_fewer_classes_warns(datasets, caplog):
-    name = datasets(["a", "b", "c"])
-    with caplog.at_level(logging.WARNING, logger="saltnet.config_checks"):
-        check_num_classes(5, [name])
-    assert f"Dataset {name!r} has 3 classes but the model has 5" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="saltnet.config_checks"):
-        check_num_classes(3, [name, datasets(None)])  # no thing_classes: skipped
-    assert caplog.text == ""
-
-
-def test_datasets_with_different_classes(datasets):
-    first, second = datasets(["a", "b"]), datasets(["a", "c"])
-    with pytest.raises(ConfigError) as info:
-        check_num_classes(80, [first, second])
-    message = str(info.value)
-    assert f"{first!r} has 2 ['a', 'b'] but {second!r} has 2 ['a', 'c']" in message

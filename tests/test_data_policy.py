@@ -22,7 +22,7 @@ from saltnet.data.loader import (
     load_train_dataset_dicts,
 )
 from saltnet.data.mapper import SALTNetDatasetMapper
-from saltnet.data.sanitize import check_image_files, sanitize_dataset_dicts
+from saltnet.data.sanitize import check_image_files, check_num_classes, sanitize_dataset_dicts
 
 XYWH, XYXY = BoxMode.XYWH_ABS, BoxMode.XYXY_ABS
 
@@ -136,6 +136,35 @@ def test_category_ids_are_checked_against_the_datasets_classes(tmp_path):
     DatasetCatalog.register(name, lambda: [record])  # no thing_classes
     with pytest.raises(ValueError, match=f"{name}.* no thing_classes"):
         load_train_dataset_dicts(name)
+
+
+def test_dataset_with_more_classes_than_model():
+    name = _register([], classes=("a", "b", "c"))
+    with pytest.raises(ValueError) as info:
+        check_num_classes(2, name)
+    message = str(info.value)
+    assert f"Dataset {name!r} has 3 classes ['a', 'b', 'c'] but the model has 2" in message
+    assert "(MODEL.SALTNET.NUM_CLASSES, model.num_classes); set it to 3" in message
+
+
+def test_dataset_with_fewer_classes_warns(caplog):
+    name = _register([], classes=("a", "b", "c"))
+    with caplog.at_level(logging.WARNING, logger="saltnet.data.sanitize"):
+        check_num_classes(5, [name])
+    assert f"Dataset {name!r} has 3 classes but the model has 5" in caplog.text
+    caplog.clear()
+    without_classes = f"policy_{uuid.uuid4().hex[:8]}"
+    DatasetCatalog.register(without_classes, lambda: [])
+    with caplog.at_level(logging.WARNING, logger="saltnet.data.sanitize"):
+        check_num_classes(3, [name, without_classes])  # no thing_classes: skipped
+    assert caplog.text == ""
+
+
+def test_datasets_with_different_classes():
+    first, second = _register([], classes=("a", "b")), _register([], classes=("a", "c"))
+    with pytest.raises(ValueError) as info:
+        check_num_classes(80, [first, second])
+    assert f"{first!r} has 2 ['a', 'b'] but {second!r} has 2 ['a', 'c']" in str(info.value)
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,9 @@
 4. writes pictures of validation images, detections (with the SALT regression / classification
    points of the top detections, red / blue) next to the ground truth, into ``<output>/vis``.
 
-About 7 minutes on 2 CPU cores (one torch thread, see ``--threads``), AP 35.4 on the validation
-split. Extra ``KEY VALUE`` arguments override the config.
+On this project's 2-core CPU machine: about 7 minutes (one torch thread, see ``--threads``) and
+AP 35.4 on the validation split; the AP repeats exactly on one machine but depends on the CPU
+model (README, "Two commands"). Extra ``KEY VALUE`` arguments override the config.
 """
 
 import argparse

@@ -2,29 +2,23 @@
 
 The YAML files are walked here (unknown keys, wrong types, named with their file or the command
 line); the merge itself is yacs'. ``SDR_MODE``, ``IN_FEATURES`` and ``DEFORM_BACKEND`` are checked
-once, where the model is built (so for LazyConfigs too).
+once, where the model is built (so for LazyConfigs too); the class count against the training
+datasets with the data policy (:func:`saltnet.data.sanitize.check_num_classes`).
 """
 
 import difflib
-import logging
 import os
 from functools import reduce
-from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import yaml
 from detectron2.config import CfgNode
-from detectron2.data import MetadataCatalog
 from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
 from detectron2.utils.file_io import PathManager
 
 from . import modeling  # noqa: F401  (registers SALT-Net's meta-architecture and backbones)
 
-__all__ = [
-    "ConfigError", "UnknownConfigKeyError", "check_config", "check_num_classes", "merge_config"
-]
-
-logger = logging.getLogger(__name__)
-_COMMAND_LINE = "the command line"
+__all__ = ["ConfigError", "UnknownConfigKeyError", "check_config", "merge_config"]
 
 
 class ConfigError(ValueError):
@@ -60,7 +54,8 @@ def merge_config(cfg: CfgNode, config_file: Optional[str] = None, opts: Sequence
             raise FileNotFoundError(f"Config file {config_file!r} does not exist.")
         trees = list(_yaml_files(config_file))
     for key, value in zip(opts[0::2], opts[1::2]):
-        trees.append((reduce(lambda t, k: {k: t}, reversed(key.split(".")), value), _COMMAND_LINE))
+        tree = reduce(lambda t, k: {k: t}, reversed(key.split(".")), value)
+        trees.append((tree, "the command line"))
     for tree, source in trees:
         unknown = next(_unknown_keys(cfg, cfg, tree), None)
         if unknown is not None:
@@ -151,41 +146,3 @@ def check_config(cfg: CfgNode) -> CfgNode:
         sep = " " if len(problems) == 1 else "\n  "
         raise ConfigError("Invalid config:" + sep + sep.join(problems))
     return cfg
-
-
-def _class_list(names: Sequence[str], limit: int = 10) -> str:
-    return f"[{', '.join(map(repr, names[:limit]))}{', ...' if len(names) > limit else ''}]"
-
-
-def check_num_classes(num_classes: int, dataset_names: Union[str, Sequence[str]]) -> None:
-    """Compare the model's class count (``MODEL.SALTNET.NUM_CLASSES``, a LazyConfig's
-    ``model.num_classes``) with the ``thing_classes`` of the datasets named (call it after
-    ``DatasetCatalog.get``, which sets a COCO json dataset's). Datasets without them are skipped.
-
-    Raises ConfigError if the datasets' class lists differ or have more classes than the model;
-    fewer only warn.
-    """
-    names = [dataset_names] if isinstance(dataset_names, str) else dataset_names
-    found = [(n, MetadataCatalog.get(n).get("thing_classes")) for n in names]
-    found = [(n, list(c)) for n, c in found if c is not None]
-    for name, classes in found[1:]:
-        if classes != found[0][1]:
-            raise ConfigError(
-                f"The training datasets have different classes: {found[0][0]!r} has "
-                f"{len(found[0][1])} {_class_list(found[0][1])} but {name!r} has {len(classes)} "
-                f"{_class_list(classes)}. Datasets trained together must share one class list."
-            )
-    name, classes = found[0] if found else ("", [])
-    if len(classes) > num_classes:
-        raise ConfigError(
-            f"Dataset {name!r} has {len(classes)} classes {_class_list(classes)} but the model "
-            f"has {num_classes} (MODEL.SALTNET.NUM_CLASSES, model.num_classes); set it to "
-            f"{len(classes)}."
-        )
-    if 0 < len(classes) < num_classes:
-        logger.warning(
-            f"Dataset {name!r} has {len(classes)} classes but the model has {num_classes} "
-            f"(MODEL.SALTNET.NUM_CLASSES, model.num_classes): {num_classes - len(classes)} "
-            f"classifier outputs are never trained as positives. Set it to {len(classes)} "
-            "unless intended."
-        )

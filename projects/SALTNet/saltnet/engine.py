@@ -16,9 +16,9 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from .checkpoint import AtomicCheckpointer
-from .config_checks import check_num_classes
 from .data.loader import build_saltnet_test_loader, build_saltnet_train_loader
 from .data.sampler import ResumableBatchSampler
+from .data.sanitize import check_num_classes
 
 __all__ = [
     "SALTNetAMPTrainer",

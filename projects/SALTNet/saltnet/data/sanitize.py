@@ -9,7 +9,9 @@ image-file check also to test datasets:
 - a box with inverted corners (x1 < x0 or y1 < y0, XYXY pixels): dropped (detectron2 would
   silently swap them);
 - a box with less than ``min_size`` pixels of width or height inside the image (zero-area or
-  outside the image): dropped.
+  outside the image): dropped;
+- training datasets with different class lists, or more classes than the model
+  (:func:`check_num_classes`): stop.
 
 Dropped boxes are counted and logged once per dataset with an example each. Crowd boxes
 (``iscrowd=1``, ignored in training) are checked but never changed. Boxes partly outside the
@@ -21,11 +23,12 @@ import math
 import numbers
 import os
 from collections import Counter
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Union
 
+from detectron2.data import MetadataCatalog
 from detectron2.structures import BoxMode
 
-__all__ = ["check_image_files", "sanitize_dataset_dicts"]
+__all__ = ["check_image_files", "check_num_classes", "sanitize_dataset_dicts"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,3 +112,41 @@ def sanitize_dataset_dicts(
                 + f", e.g. {examples[what]}."
             )
     return result
+
+
+def _class_list(names: Sequence[str], limit: int = 10) -> str:
+    return f"[{', '.join(map(repr, names[:limit]))}{', ...' if len(names) > limit else ''}]"
+
+
+def check_num_classes(num_classes: int, dataset_names: Union[str, Sequence[str]]) -> None:
+    """Compare the model's class count (``MODEL.SALTNET.NUM_CLASSES``, a LazyConfig's
+    ``model.num_classes``) with the ``thing_classes`` of the datasets named (call it after
+    ``DatasetCatalog.get``, which sets a COCO json dataset's). Datasets without them are skipped.
+
+    Raises ValueError if the datasets' class lists differ or have more classes than the model;
+    fewer only warn.
+    """
+    names = [dataset_names] if isinstance(dataset_names, str) else dataset_names
+    found = [(n, MetadataCatalog.get(n).get("thing_classes")) for n in names]
+    found = [(n, list(c)) for n, c in found if c is not None]
+    for name, classes in found[1:]:
+        if classes != found[0][1]:
+            raise ValueError(
+                f"The training datasets have different classes: {found[0][0]!r} has "
+                f"{len(found[0][1])} {_class_list(found[0][1])} but {name!r} has {len(classes)} "
+                f"{_class_list(classes)}. Datasets trained together must share one class list."
+            )
+    name, classes = found[0] if found else ("", [])
+    if len(classes) > num_classes:
+        raise ValueError(
+            f"Dataset {name!r} has {len(classes)} classes {_class_list(classes)} but the model "
+            f"has {num_classes} (MODEL.SALTNET.NUM_CLASSES, model.num_classes); set it to "
+            f"{len(classes)}."
+        )
+    if 0 < len(classes) < num_classes:
+        logger.warning(
+            f"Dataset {name!r} has {len(classes)} classes but the model has {num_classes} "
+            f"(MODEL.SALTNET.NUM_CLASSES, model.num_classes): {num_classes - len(classes)} "
+            f"classifier outputs are never trained as positives. Set it to {len(classes)} "
+            "unless intended."
+        )
