@@ -49,15 +49,19 @@ def unsupported(x, weight, stride, padding, dilation, deformable_groups) -> str:
 
 
 @triton.jit
-def _position(off_ptr, n64, p, oy, ox, m_ok, HWo, k, stride_h, stride_w, pad_h, pad_w):
-    """Sampling position (y, x), input pixels, of kernel point k for output rows (n, p)."""
+def _position(off_ptr, n64, p, oy, ox, m_ok, H, W, HWo, k, stride_h, stride_w, pad_h, pad_w):
+    """Sampling position of kernel point k for output rows (n, p), in input pixels: the
+    top-left corner (y0, x0) (int32) and the fractions (ly, lx). Positions are clamped to
+    [-2, size + 1] first: all four corners stay outside the image when they were."""
     ct = off_ptr.dtype.element_ty
     base = n64 * (2 * 9 * HWo) + p
     dy = tl.load(off_ptr + base + (2 * k) * HWo, mask=m_ok, other=0.0)
     dx = tl.load(off_ptr + base + (2 * k + 1) * HWo, mask=m_ok, other=0.0)
-    py = (oy * stride_h - pad_h + k // 3).to(ct) + dy
-    px = (ox * stride_w - pad_w + k % 3).to(ct) + dx
-    return py, px
+    py = tl.minimum(tl.maximum((oy * stride_h - pad_h + k // 3).to(ct) + dy, -2.0), H + 1.0)
+    px = tl.minimum(tl.maximum((ox * stride_w - pad_w + k % 3).to(ct) + dx, -2.0), W + 1.0)
+    y0 = tl.floor(py)
+    x0 = tl.floor(px)
+    return y0.to(tl.int32), x0.to(tl.int32), py - y0, px - x0
 
 
 @triton.jit
@@ -71,22 +75,12 @@ def _corner(x_ptr, img64, yi, xi, H, W, C, cols, c_ok, m_ok, ct: tl.constexpr):
 
 
 @triton.jit
-def _floor_frac(pos, size):
-    """floor (int32) and fractional part of positions, clamped to [-2, size + 1] first (all
-    four corners stay outside the image when they were)."""
-    pos = tl.minimum(tl.maximum(pos, -2.0), size + 1.0)
-    low = tl.floor(pos)
-    return low.to(tl.int32), pos - low
-
-
-@triton.jit
 def _sample(x_ptr, off_ptr, mask_ptr, n64, p, oy, ox, m_ok, k, cols, c_ok,
             H, W, C, HWo, stride_h, stride_w, pad_h, pad_w, HAS_MASK: tl.constexpr):
     """Modulated bilinear samples (BM, BK) of kernel point k, in the coordinate dtype."""
     ct: tl.constexpr = off_ptr.dtype.element_ty
-    py, px = _position(off_ptr, n64, p, oy, ox, m_ok, HWo, k, stride_h, stride_w, pad_h, pad_w)
-    y0, ly = _floor_frac(py, H)
-    x0, lx = _floor_frac(px, W)
+    y0, x0, ly, lx = _position(off_ptr, n64, p, oy, ox, m_ok, H, W, HWo, k,
+                               stride_h, stride_w, pad_h, pad_w)
     img64 = n64 * H * W
     v00, _, _ = _corner(x_ptr, img64, y0, x0, H, W, C, cols, c_ok, m_ok, ct)
     v01, _, _ = _corner(x_ptr, img64, y0, x0 + 1, H, W, C, cols, c_ok, m_ok, ct)
@@ -102,9 +96,18 @@ def _sample(x_ptr, off_ptr, mask_ptr, n64, p, oy, ox, m_ok, k, cols, c_ok,
     return val
 
 
+# How _mma multiplies: in the operands' dtype (bf16 / fp16 on tensor cores); exactly ("ieee",
+# fp32 / fp64: no TF32); or bf16 operands widened to fp32 first, for Triton's CPU interpreter,
+# whose tl.dot multiplies bf16 as raw integers. bf16 x bf16 products are exact in fp32, so the
+# widened product accumulates the same values.
+_NATIVE, _IEEE, _WIDEN_BF16 = 0, 1, 2
+
+
 @triton.jit
-def _mma(a, b, acc, IEEE: tl.constexpr):
-    if IEEE:
+def _mma(a, b, acc, DOT: tl.constexpr):
+    if DOT == 2:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    if DOT == 1:
         return tl.dot(a, b, acc, input_precision="ieee")
     return tl.dot(a, b, acc)
 
@@ -123,7 +126,7 @@ def _rows(pid_m, M, HWo, Wo, BLOCK_M: tl.constexpr):
 def _forward_kernel(
     x_ptr, off_ptr, mask_ptr, w_ptr, b_ptr, out_ptr,
     M, H, W, C, Cg, Og, Cout, HWo, Wo, stride_h, stride_w, pad_h, pad_w,
-    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out (M, Cout) = columns (M, 9 x Cg) @ w (9 x Cg, Cout) per group (+ bias)."""
@@ -144,7 +147,7 @@ def _forward_kernel(
                 mask=c_ok[:, None] & n_ok[None, :],
                 other=0.0,
             )
-            acc = _mma(a.to(w_ptr.dtype.element_ty), b, acc, IEEE)
+            acc = _mma(a.to(w_ptr.dtype.element_ty), b, acc, DOT)
     if HAS_BIAS:
         acc += tl.load(b_ptr + g * Og + rn, mask=n_ok, other=0.0).to(ct)[None, :]
     tl.store(
@@ -158,7 +161,7 @@ def _forward_kernel(
 def _grad_weight_kernel(
     x_ptr, off_ptr, mask_ptr, gout_ptr, gw_ptr,
     M, H, W, C, Cg, Og, Cout, HWo, Wo, stride_h, stride_w, pad_h, pad_w,
-    HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """gw (9 x Cg, Cout) = columns^T (9 x Cg, M) @ grad_out (M, Cout) per group."""
@@ -180,7 +183,7 @@ def _grad_weight_kernel(
             mask=m_ok[:, None] & n_ok[None, :],
             other=0.0,
         )
-        acc = _mma(tl.trans(a.to(gout_ptr.dtype.element_ty)), go, acc, IEEE)
+        acc = _mma(tl.trans(a.to(gout_ptr.dtype.element_ty)), go, acc, DOT)
     tl.store(
         gw_ptr + (k * Cg + rc)[:, None] * Cout + (g * Og + rn)[None, :],
         acc,
@@ -192,7 +195,7 @@ def _grad_weight_kernel(
 def _grad_input_kernel(
     x_ptr, off_ptr, mask_ptr, w_ptr, gout_ptr, gx_ptr, goff_ptr, gmask_ptr,
     M, H, W, C, Cg, Og, Cout, HWo, Wo, stride_h, stride_w, pad_h, pad_w,
-    HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Per (rows, kernel point k, group): column gradients grad_out @ w^T, then the input
@@ -201,9 +204,8 @@ def _grad_input_kernel(
     k = tl.program_id(1)
     g = tl.program_id(2)
     n64, p, oy, ox, m_ok, rm = _rows(tl.program_id(0), M, HWo, Wo, BLOCK_M)
-    py, px = _position(off_ptr, n64, p, oy, ox, m_ok, HWo, k, stride_h, stride_w, pad_h, pad_w)
-    y0, ly = _floor_frac(py, H)
-    x0, lx = _floor_frac(px, W)
+    y0, x0, ly, lx = _position(off_ptr, n64, p, oy, ox, m_ok, H, W, HWo, k,
+                               stride_h, stride_w, pad_h, pad_w)
     wy = ly[:, None]
     wx = lx[:, None]
     img64 = n64 * H * W
@@ -232,7 +234,7 @@ def _grad_input_kernel(
                 mask=c_ok[None, :] & o_ok[:, None],
                 other=0.0,
             )
-            gcol = _mma(go, wt, gcol, IEEE)
+            gcol = _mma(go, wt, gcol, DOT)
         v00, a00, ok00 = _corner(x_ptr, img64, y0, x0, H, W, C, cols, c_ok, m_ok, ct)
         v01, a01, ok01 = _corner(x_ptr, img64, y0, x0 + 1, H, W, C, cols, c_ok, m_ok, ct)
         v10, a10, ok10 = _corner(x_ptr, img64, y0 + 1, x0, H, W, C, cols, c_ok, m_ok, ct)
@@ -254,9 +256,10 @@ def _grad_input_kernel(
 
 
 def _blocks(c_per_group: int, out_per_group: int):
-    """(BLOCK_M, BLOCK_N, BLOCK_K): tl.dot needs powers of two >= 16."""
-    block_n = max(16, min(64, triton.next_power_of_2(out_per_group)))
-    block_k = max(16, min(32, triton.next_power_of_2(c_per_group)))
+    """(BLOCK_M, BLOCK_N, BLOCK_K): tl.dot needs powers of two >= 16. The interpreter's cost
+    is per operation, not per element: it gets wider tiles, so fewer loop iterations."""
+    block_n = max(16, min(128 if INTERPRETED else 64, triton.next_power_of_2(out_per_group)))
+    block_k = max(16, min(128 if INTERPRETED else 32, triton.next_power_of_2(c_per_group)))
     return 64, block_n, block_k
 
 
@@ -276,16 +279,19 @@ class _TritonDeformConv(torch.autograd.Function):
                     h_out * w_out, w_out, *stride, *padding)
         block_m, block_n, block_k = _blocks(c_in // groups, c_out // groups)
         grid = (triton.cdiv(rows, block_m), triton.cdiv(c_out // groups, block_n), groups)
-        ieee = x.dtype in (torch.float32, torch.float64)
+        if x.dtype in (torch.float32, torch.float64):
+            dot = _IEEE
+        else:
+            dot = _WIDEN_BF16 if INTERPRETED and x.dtype == torch.bfloat16 else _NATIVE
         dummy = offset  # stands in for an absent mask / bias pointer (never read)
         _forward_kernel[grid](
             x, offset, dummy if mask is None else mask, w, dummy if bias is None else bias,
-            out, *geometry, HAS_MASK=mask is not None, HAS_BIAS=bias is not None, IEEE=ieee,
+            out, *geometry, HAS_MASK=mask is not None, HAS_BIAS=bias is not None, DOT=dot,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         )
         ctx.save_for_backward(x, offset, mask, w)
         ctx.geometry, ctx.groups, ctx.has_bias = geometry, groups, bias is not None
-        ctx.blocks, ctx.ieee = (block_m, block_n, block_k), ieee
+        ctx.blocks, ctx.dot = (block_m, block_n, block_k), dot
         return out
 
     @staticmethod
@@ -295,7 +301,7 @@ class _TritonDeformConv(torch.autograd.Function):
         rows, _, _, _, c_per_group, out_per_group = ctx.geometry[:6]
         grad_out = grad_out.to(x.dtype).contiguous()
         ct = offset.dtype
-        flags = dict(HAS_MASK=mask is not None, IEEE=ctx.ieee,
+        flags = dict(HAS_MASK=mask is not None, DOT=ctx.dot,
                      BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
         mask_arg = offset if mask is None else mask
         grad_w = torch.empty(w.shape, device=x.device, dtype=ct)
