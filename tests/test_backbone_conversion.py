@@ -1,7 +1,7 @@
 """Backbone weight conversion: torchvision / open-mmlab / mmdetection / timm weights land in our
-backbones (strict loads, identical feature maps), mmdetection SALT-Net checkpoints with Res2Net /
-"dcnx" parts convert, and detectron2's checkpointer reads what the tool writes (and still reads
-detectron2's own model-zoo pickles)."""
+backbones (strict loads, identical feature maps), and detectron2's checkpointer reads what the
+tool writes (and still reads detectron2's own model-zoo pickles). Whole release checkpoints
+(Res2Net, "dcnx"): test_release_parity.py."""
 
 import pickle
 import re
@@ -18,13 +18,10 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
-from torch.nn import functional as F
 from torchvision.models.resnet import Bottleneck, ResNet
-from torchvision.ops import deform_conv2d
 
 from saltnet import add_saltnet_config
 from saltnet.config import load_yaml_config
-from saltnet.convert import convert_mmdet_saltnet_state_dict
 from saltnet.convert_backbone import (
     PREFIX,
     UnmappedKeysError,
@@ -206,89 +203,6 @@ def test_mmdet_res2net_names_with_dcn():
     cfg = res2net_cfg(50, DEFORM_ON_PER_STAGE=[False, False, True, True])
     ours = build_saltnet_res2net_backbone(cfg, ShapeSpec(channels=3))
     ours.load_state_dict(converted, strict=True)
-
-
-def mmdet_fpn_gn_and_dcnx_head(num_classes, c=256, levels=5, reg_max=16):
-    """mmdetection names and shapes of a GN FPN (P3-P7 on_output) and a "dcnx" SALT head."""
-    gen = torch.Generator().manual_seed(1)
-    shapes = {}
-    for i, c_in in enumerate([512, 1024, 2048]):
-        shapes[f"neck.lateral_convs.{i}.conv.weight"] = (c, c_in, 1, 1)
-    for i in range(levels):
-        shapes[f"neck.fpn_convs.{i}.conv.weight"] = (c, c, 3, 3)
-    for key in list(shapes):  # ConvModule + GN: no conv bias
-        shapes[key.replace(".conv.weight", ".gn.weight")] = (c,)
-        shapes[key.replace(".conv.weight", ".gn.bias")] = (c,)
-    for tower in ("cls", "reg"):
-        for i in range(3):
-            shapes[f"bbox_head.{tower}_convs.{i}.conv.weight"] = (c, c, 3, 3)
-            shapes[f"bbox_head.{tower}_convs.{i}.gn.weight"] = (c,)
-            shapes[f"bbox_head.{tower}_convs.{i}.gn.bias"] = (c,)
-        shapes[f"bbox_head.{tower}_convs.2.conv.conv_offset.weight"] = (27, c, 3, 3)
-        shapes[f"bbox_head.{tower}_convs.2.conv.conv_offset.bias"] = (27,)
-    convs = {"reg_init_out.conv": c, "reg_init_out.regression": 4, "reg_init_out.scale_fs": 14}
-    convs.update({"salt_cls_refinement.conv": c, "salt_cls_refinement.proposal": 18})
-    convs.update({"salt_reg": 4 * (reg_max + 1), "salt_cls": num_classes})
-    for name, out in convs.items():
-        shapes[f"bbox_head.{name}.weight"] = (out, c, 3, 3)
-        shapes[f"bbox_head.{name}.bias"] = (out,)
-    for name in ("reg_init_out", "salt_cls_refinement", "salt_reg_conv", "salt_cls_conv"):
-        shapes[f"bbox_head.{name}.bn.weight"] = (c,)
-        shapes[f"bbox_head.{name}.bn.bias"] = (c,)
-    shapes["bbox_head.salt_reg_conv.conv.weight"] = (c, c, 3, 3)
-    shapes["bbox_head.salt_cls_conv.conv.weight"] = (c, c, 3, 3)
-    for i in range(levels):
-        shapes[f"bbox_head.scales_init.{i}.scale"] = ()
-        shapes[f"bbox_head.scales.{i}.scale"] = ()
-    shapes.update(
-        {"bbox_head.reg_conf.0.weight": (64, 20, 1, 1), "bbox_head.reg_conf.0.bias": (64,)}
-    )
-    shapes.update({"bbox_head.reg_conf.2.weight": (1, 64, 1, 1), "bbox_head.reg_conf.2.bias": (1,)})
-    state = {k: 0.05 * torch.randn(s, generator=gen) for k, s in shapes.items()}
-    state["bbox_head.integral.project"] = torch.arange(reg_max + 1.0)
-    return state
-
-
-def test_mmdet_saltnet_r2_dcnx_checkpoint_converts_and_loads_strictly():
-    cfg = backbone_cfg()
-    cfg.MODEL.META_ARCHITECTURE = "SALTNet"
-    cfg.MODEL.BACKBONE.NAME = "build_saltnet_res2net_fpn_backbone"
-    cfg.MODEL.RES2NET.DEPTH = 50  # the same names as 101, quicker
-    cfg.MODEL.RES2NET.OUT_FEATURES = ["res3", "res4", "res5"]
-    cfg.MODEL.RES2NET.DEFORM_ON_PER_STAGE = [False, True, True, True]
-    cfg.MODEL.FPN.IN_FEATURES = ["res3", "res4", "res5"]
-    cfg.MODEL.FPN.NORM = "GN"
-    cfg.MODEL.SALTNET.TOWER_LAST_DCN = True
-    cfg.MODEL.SALTNET.NUM_CLASSES = 3
-    cfg.MODEL.DEVICE = "cpu"
-    model = build_model(cfg).eval()
-
-    source = randomize_bn_(timm.create_model("res2net50d", pretrained=False))
-    original = timm_to_mmdet_res2net(
-        {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}
-    )
-    original.update(mmdet_res2net_offsets([3, 4, 6, 3], stages=[2, 3, 4]))
-    original.update(mmdet_fpn_gn_and_dcnx_head(num_classes=3))
-    converted = convert_mmdet_saltnet_state_dict(original, num_classes=3)
-    incompatible = model.load_state_dict(converted, strict=False)
-    assert not incompatible.unexpected_keys and not incompatible.missing_keys
-    assert "backbone.top_block.p7.norm.weight" in converted
-    assert "head.reg_tower.2.offset_conv.bias" in converted
-
-    # The "dcnx" tower conv computes what mmcv's ModulatedDeformConv2dPack + GN + ReLU does.
-    x = torch.randn(1, 256, 6, 7)
-
-    def p(name):
-        return original["bbox_head.cls_convs.2." + name]
-
-    o1, o2, mask = torch.chunk(
-        F.conv2d(x, p("conv.conv_offset.weight"), p("conv.conv_offset.bias"), padding=1), 3, dim=1
-    )
-    ref = deform_conv2d(
-        x, torch.cat((o1, o2), dim=1), p("conv.weight"), padding=1, mask=mask.sigmoid()
-    )
-    ref = F.relu(F.group_norm(ref, 32, p("gn.weight"), p("gn.bias")))
-    torch.testing.assert_close(model.head.cls_tower[2](x), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_unmapped_keys_fail_loudly():

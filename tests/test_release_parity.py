@@ -25,6 +25,7 @@ from release_reference import (
     release_losses,
     release_neck_and_head,
 )
+from test_backbone_conversion import randomize_bn_, timm_to_mmdet_res2net
 
 from saltnet.checkpoint import AtomicCheckpointer, CheckpointMismatchError
 from saltnet.config import load_yaml_config
@@ -33,18 +34,6 @@ from saltnet.layers.batch_norm import FrozenStatsBatchNorm2d
 
 REPO = Path(__file__).resolve().parents[1]
 K = 3  # classes of the tests' models (the release's classifier then has 4 rows)
-
-
-def randomize_bn_(model, seed=0):
-    """Random BN statistics and affine parameters, so that BN conversion errors show."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=gen))
-            m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=gen))
-            m.weight.data.copy_(0.5 + torch.rand(m.num_features, generator=gen))
-            m.bias.data.copy_(0.1 * torch.randn(m.num_features, generator=gen))
-    return model.eval()
 
 
 def convert_with_tool(tmp_path, state_dict, *args):
@@ -68,6 +57,10 @@ def build_converted(config, weights, *opts):
     )
     model = build_model(cfg).eval()
     AtomicCheckpointer(model).load(str(weights))
+    # Every tensor of the model came from the file (the backbone too), and every tensor was used.
+    state = torch.load(weights, weights_only=False)["model"]
+    incompatible = model.load_state_dict(state, strict=False)
+    assert not incompatible.missing_keys and not incompatible.unexpected_keys
     return model
 
 
@@ -103,7 +96,8 @@ def torchvision_c3_c4_c5(net):
 
 def test_converted_r50_detector_equals_release(tmp_path):
     """salt_R_50_FPN_1x: torchvision ResNet-50 + FPN (P7 = conv(P6), no ReLU) + SALT head."""
-    resnet = randomize_bn_(torchvision.models.resnet50())
+    with torch.no_grad():
+        resnet = randomize_bn_(torchvision.models.resnet50())
     release = {
         "backbone." + k: v for k, v in resnet.state_dict().items() if not k.startswith("fc.")
     }
@@ -124,15 +118,12 @@ def test_converted_res2net_dcnx_detector_equals_release(tmp_path):
     The reference backbone is timm's Res2Net (mmdetection's variant: no pool in res2's first
     block), which has no deformable convs: the release's DCN offsets are zero here, so the
     backbone's DCNs compute plain convs (their sampling is tested in test_deform_conv.py)."""
-    res2net = randomize_bn_(timm.create_model("res2net50d", pretrained=False))
+    with torch.no_grad():
+        res2net = randomize_bn_(timm.create_model("res2net50d", pretrained=False))
     res2net.layer1[0].pool = None
-    stem = {"conv1.0": "stem.0", "conv1.1": "stem.1", "conv1.3": "stem.3", "conv1.4": "stem.4"}
-    stem.update({"conv1.6": "stem.6", "bn1": "stem.7"})
-    release = {}
-    for key, value in res2net.state_dict().items():
-        module, _, leaf = key.rpartition(".")
-        if not key.startswith("fc."):
-            release["backbone." + stem.get(module, module) + "." + leaf] = value
+    release = timm_to_mmdet_res2net(
+        {k: v for k, v in res2net.state_dict().items() if not k.startswith("fc.")}
+    )
     for stage, blocks in ((2, 4), (3, 6), (4, 3)):  # res3-res5
         width = 26 * 2 ** (stage - 1)
         for block in range(blocks):
