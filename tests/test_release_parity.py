@@ -231,12 +231,14 @@ def loss_batch():
     return sizes, instances
 
 
+def quick_model():
+    """The quick config's SALT-Net (defaults: SDR_MODE gt) with K classes."""
+    path = REPO / "configs" / "quick_schedule" / "salt_R_18_synthetic.yaml"
+    return build_model(load_yaml_config(str(path), ["MODEL.SALTNET.NUM_CLASSES", str(K)]))
+
+
 def test_losses_and_gradients_equal_the_release():
-    cfg = load_yaml_config(
-        str(REPO / "configs" / "quick_schedule" / "salt_R_18_synthetic.yaml"),
-        ["MODEL.SALTNET.NUM_CLASSES", str(K)],
-    )
-    model = build_model(cfg)
+    model = quick_model()
     sizes, instances = loss_batch()
     assert [len(i) for i in instances] == [4, 2, 0]  # the crowd box is not a training target
     images = ImageList.from_tensors([torch.zeros(3, h, w) for h, w in sizes], 32)
@@ -278,11 +280,7 @@ def test_losses_and_gradients_equal_the_release():
 
 def test_batch_without_positives_stays_finite():
     """The release divides the box losses by a zero weight sum here (NaN); ours are 0."""
-    cfg = load_yaml_config(
-        str(REPO / "configs" / "quick_schedule" / "salt_R_18_synthetic.yaml"),
-        ["MODEL.SALTNET.NUM_CLASSES", str(K)],
-    )
-    model = build_model(cfg)
+    model = quick_model()
     _, instances = loss_batch()
     images = ImageList.from_tensors([torch.zeros(3, 90, 50)], 32)
     shapes = [(12, 7), (6, 4), (3, 2), (2, 1), (1, 1)]
