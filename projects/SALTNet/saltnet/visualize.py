@@ -16,6 +16,7 @@ from detectron2.structures import Instances
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, VisImage, Visualizer
 
+from .data.transforms import with_resize_backend
 from .modeling.meta_arch import POINT_SET_FIELDS
 
 __all__ = [
@@ -32,9 +33,11 @@ CLS_POINT_COLOR = (0.2, 0.5, 1.0)  # classification points: blue
 
 
 def point_set_predictor(cfg, show_points: bool = True) -> DefaultPredictor:
-    """detectron2's ``DefaultPredictor`` whose detections carry the SALT point sets if
-    ``show_points`` (ValueError if the model's head has none: ``SALT_ON`` False)."""
+    """detectron2's ``DefaultPredictor`` (resizing as ``INPUT.RESIZE_BACKEND`` says) whose
+    detections carry the SALT point sets if ``show_points`` (ValueError if the model's head has
+    none: ``SALT_ON`` False)."""
     predictor = DefaultPredictor(cfg)
+    predictor.aug = with_resize_backend(predictor.aug, cfg.INPUT.RESIZE_BACKEND)
     if show_points and not getattr(predictor.model.head, "salt_on", False):
         raise ValueError("The model's head runs without SALT (SALT_ON False): it has no points.")
     predictor.model.output_point_sets = show_points
