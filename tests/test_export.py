@@ -171,6 +171,8 @@ def test_bad_export_requests_name_the_problem(tiny_opts):
     with pytest.raises(ValueError, match="opset 17 has no DeformConv"):
         check_export_request(cfg, "onnx", 17, allow_random_weights=True)
     check_export_request(cfg, "torchscript", 17, allow_random_weights=True)  # no opset there
+    with pytest.raises(ValueError, match="Unsupported export method 'scripting'"):
+        check_export_request(cfg, "torchscript", 19, True, export_method="scripting")
 
 
 def test_export_config_forces_the_torchvision_deform_backend(tiny_opts):

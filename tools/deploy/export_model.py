@@ -74,13 +74,10 @@ def sample_image(args, cfg) -> np.ndarray:
 
 def main(args) -> str:
     logger = setup_logger(name="saltnet")
-    if args.export_method != "tracing":
-        raise ValueError(
-            f"Unsupported --export-method {args.export_method!r}: SALT-Net exports by tracing "
-            "(its detectron2 detector is not scriptable)."
-        )
     cfg = load_export_config(args.config_file, args.opts)
-    check_export_request(cfg, args.format, args.opset, args.allow_random_weights)
+    check_export_request(
+        cfg, args.format, args.opset, args.allow_random_weights, args.export_method
+    )
     model = build_model(cfg).eval()
     if cfg.MODEL.WEIGHTS:
         AtomicCheckpointer(model).load(cfg.MODEL.WEIGHTS)

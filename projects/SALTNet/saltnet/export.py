@@ -30,6 +30,7 @@ from detectron2.structures import ImageList, Instances
 from torch import Tensor, nn
 
 from .config import load_yaml_config
+from .data.transforms import with_resize_backend
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -54,13 +55,25 @@ HEAD_OUTPUT_GROUPS = ("scores", "box_logits", "coarse", "reg_points", "cls_point
 TORCHSCRIPT_OUTPUTS_FILE = "saltnet_outputs.json"
 
 
-def check_export_request(cfg, export_format: str, opset: int, allow_random_weights: bool):
+def check_export_request(
+    cfg,
+    export_format: str,
+    opset: int,
+    allow_random_weights: bool,
+    export_method: str = "tracing",
+):
     """ValueError naming the problem if ``cfg`` cannot be exported as asked.
 
-    Refused: an unknown format, an ONNX opset without ``DeformConv`` (< 19), and a config
-    without ``MODEL.WEIGHTS`` unless ``allow_random_weights`` (an exported model of random
-    weights is rarely what one means to ship).
+    Refused: an unknown format, an export method other than tracing, an ONNX opset without
+    ``DeformConv`` (< 19), and a config without ``MODEL.WEIGHTS`` unless
+    ``allow_random_weights`` (an exported model of random weights is rarely what one means to
+    ship).
     """
+    if export_method != "tracing":
+        raise ValueError(
+            f"Unsupported export method {export_method!r}: SALT-Net exports by tracing (its "
+            "detectron2 detector is not scriptable)."
+        )
     if export_format not in EXPORT_FORMATS:
         raise ValueError(
             f"Unsupported export format {export_format!r}; choose one of {EXPORT_FORMATS}."
@@ -87,10 +100,14 @@ def load_export_config(config_file: str, opts: Sequence[str] = ()):
 
 def resize_for_test(cfg, image_bgr: np.ndarray) -> Tensor:
     """A BGR (OpenCV) image as the model's (3, H, W) float32 input: the test-time resize of
-    ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST`` and ``INPUT.FORMAT``, as ``DefaultPredictor``."""
+    ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST`` (by ``INPUT.RESIZE_BACKEND``) and
+    ``INPUT.FORMAT``, as ``DefaultPredictor``."""
     image = image_bgr[:, :, ::-1] if cfg.INPUT.FORMAT == "RGB" else image_bgr
-    aug = T.ResizeShortestEdge(
-        [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
+    aug = with_resize_backend(
+        T.ResizeShortestEdge(
+            [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
+        ),
+        cfg.INPUT.RESIZE_BACKEND,
     )
     resized = aug.get_transform(image).apply_image(image)
     return torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
@@ -216,9 +233,9 @@ def export_model(
             divisor = max(model.backbone.size_divisibility, 1)
             sample = _generic_sample(model, sample)
             dims = {
-                0: torch.export.Dim("batch", min=1, max=64),
-                2: divisor * torch.export.Dim("height_blocks", min=1, max=4096 // divisor),
-                3: divisor * torch.export.Dim("width_blocks", min=1, max=4096 // divisor),
+                0: torch.export.Dim("batch", min=1),
+                2: divisor * torch.export.Dim("height_blocks", min=1),
+                3: divisor * torch.export.Dim("width_blocks", min=1),
             }
             torch.onnx.export(
                 part,
