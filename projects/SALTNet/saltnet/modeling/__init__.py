@@ -3,6 +3,7 @@ from .head import SALTHead
 from .meta_arch import SALTNet
 from .res2net import build_saltnet_res2net_backbone, build_saltnet_res2net_fpn_backbone
 from .resnet import build_saltnet_resnet_backbone
+from .salt import SALTOperator
 
 __all__ = [
     "build_saltnet_res2net_backbone",
@@ -11,4 +12,5 @@ __all__ = [
     "build_saltnet_resnet_fpn_backbone",
     "SALTHead",
     "SALTNet",
+    "SALTOperator",
 ]

@@ -11,64 +11,27 @@ from typing import List, Optional
 
 import torch
 from detectron2.config import configurable
-from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.layers import ShapeSpec, get_norm
 from torch import nn
 from torch.nn import functional as F
 
 from ..layers import DeformConv, ModulatedDeformConv
+from .salt import SALTOperator, conv_norm_relu
 
-__all__ = ["SALTHead", "place_points", "KERNEL_GRID"]
+__all__ = ["SALTHead"]
 
-# The regular 3x3 sampling grid of a deformable conv, (y, x) pairs in raster order: (1, 18, 1, 1).
-KERNEL_GRID = torch.stack(
-    torch.meshgrid(torch.arange(-1.0, 2.0), torch.arange(-1.0, 2.0), indexing="ij"), dim=-1
-).reshape(1, 18, 1, 1)
-
-
-def place_points(distances: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """Place SALT's nine regression points inside/on a coarse box.
-
-    Args:
-        distances: (N, 4, H, W) coarse side distances (left, top, right, bottom) >= 0, stride units.
-        factors: (N, 14, H, W) shape factors in (0, 1).
-
-    Returns:
-        (N, 18, H, W): nine (y, x) points relative to the anchor point, stride units. Points 3 / 5
-        lie on the left / right side at heights given by factors 0 / 2, points 1 / 7 on the top /
-        bottom side at widths given by factors 1 / 3; points 0, 2, 4, 6, 8 lie inside the box with
-        y factors 4, 6, 8, 10, 12 and x factors 5, 7, 9, 11, 13.
-    """
-    left, top, right, bottom = distances.unbind(dim=1)
-    width, height = left + right, top + bottom
-    ys = torch.stack(
-        [
-            -top + height * factors[:, 4],
-            -top,
-            -top + height * factors[:, 6],
-            -top + height * factors[:, 0],
-            -top + height * factors[:, 8],
-            -top + height * factors[:, 2],
-            -top + height * factors[:, 10],
-            bottom,
-            -top + height * factors[:, 12],
-        ],
-        dim=1,
-    )
-    xs = torch.stack(
-        [
-            -left + width * factors[:, 5],
-            -left + width * factors[:, 1],
-            -left + width * factors[:, 7],
-            -left,
-            -left + width * factors[:, 9],
-            right,
-            -left + width * factors[:, 11],
-            -left + width * factors[:, 3],
-            -left + width * factors[:, 13],
-        ],
-        dim=1,
-    )
-    return torch.stack([ys, xs], dim=2).flatten(1, 2)
+# The SALT operator's modules, held directly by the head (``head.coarse_conv.*``) in checkpoints
+# written before it became a module of its own (``head.salt.coarse_conv.*``).
+_SALT_MODULES = (
+    "coarse_conv",
+    "coarse_pred",
+    "point_factor_pred",
+    "coarse_scales",
+    "reg_dcn",
+    "cls_point_conv",
+    "cls_point_scale_pred",
+    "cls_dcn",
+)
 
 
 class _ModulatedDeformTowerConv(nn.Module):
@@ -96,37 +59,11 @@ class _ModulatedDeformTowerConv(nn.Module):
         return self.conv(x, offset_y_x, mask.sigmoid())
 
 
-def _conv_norm_relu(in_channels: int, channels: int, norm: str, bias: bool) -> Conv2d:
-    """conv3x3 + norm + ReLU."""
-    return Conv2d(
-        in_channels,
-        channels,
-        kernel_size=3,
-        padding=1,
-        bias=bias,
-        norm=get_norm(norm, channels),
-        activation=F.relu,
-    )
-
-
-def _deform_conv_norm_relu(channels: int, norm: str, backend: Optional[str]) -> DeformConv:
-    """Deformable conv3x3 (no bias) + norm + ReLU: SALT's point-sampling conv."""
-    return DeformConv(
-        channels,
-        channels,
-        3,
-        padding=1,
-        norm=get_norm(norm, channels),
-        activation=F.relu,
-        backend=backend,
-    )
-
-
 def _tower(
     channels: int, num_convs: int, norm: str, last_dcn: bool, backend: Optional[str]
 ) -> nn.Sequential:
     """num_convs x (conv3x3 + norm + ReLU), the last one deformable (DCNv2) if ``last_dcn``."""
-    layers = [_conv_norm_relu(channels, channels, norm, bias=not norm) for _ in range(num_convs)]
+    layers = [conv_norm_relu(channels, channels, norm, bias=not norm) for _ in range(num_convs)]
     if last_dcn:
         layers[-1] = _ModulatedDeformTowerConv(channels, norm, backend)
     return nn.Sequential(*layers)
@@ -181,21 +118,7 @@ class SALTHead(nn.Module):
         self.reg_tower = _tower(channels, num_convs, norm, tower_last_dcn, deform_backend)
         num_bins = 4 * (reg_max + 1)
         if salt_on:
-            # Coarse box and the shape factors that place the nine regression points.
-            # (These two convs keep their bias before the norm, as in the authors' release.)
-            self.coarse_conv = _conv_norm_relu(channels, channels, norm, bias=True)
-            self.coarse_pred = nn.Conv2d(channels, 4, kernel_size=3, padding=1)
-            self.point_factor_pred = nn.Conv2d(channels, 14, kernel_size=3, padding=1)
-            self.coarse_scales = nn.ParameterList(
-                [nn.Parameter(torch.tensor(1.0)) for _ in range(self.num_levels)]
-            )
-            # Regression: sample the reg tower at the regression points.
-            self.reg_dcn = _deform_conv_norm_relu(channels, norm, deform_backend)
-            # Classification: rescale the (detached) regression points, sample the cls features.
-            self.cls_point_conv = _conv_norm_relu(channels, channels, norm, bias=True)
-            self.cls_point_scale_pred = nn.Conv2d(channels, 18, kernel_size=3, padding=1)
-            self.cls_dcn = _deform_conv_norm_relu(channels, norm, deform_backend)
-            self.register_buffer("kernel_grid", KERNEL_GRID.clone(), persistent=False)
+            self.salt = SALTOperator(channels, self.num_levels, norm, deform_backend)
         self.cls_score = nn.Conv2d(channels, num_classes, kernel_size=3, padding=1)
         self.bbox_pred = nn.Conv2d(channels, num_bins, kernel_size=3, padding=1)
         self.bbox_scales = nn.ParameterList(
@@ -254,19 +177,20 @@ class SALTHead(nn.Module):
         reg_feat = self.reg_tower(x)
         coarse = reg_points = cls_points = None
         if self.salt_on:
-            cls_feat = cls_feat + x
-            hidden = self.coarse_conv(reg_feat)
-            coarse = F.relu(self.coarse_pred(hidden)).float() * self.coarse_scales[level].float()
-            factors = self.point_factor_pred(hidden).float().sigmoid()
-            reg_points = place_points(coarse, factors)
-            reg_feat = self.reg_dcn(reg_feat, reg_points - self.kernel_grid)
-            point_scale = self.cls_point_scale_pred(self.cls_point_conv(cls_feat)).float().exp()
-            cls_points = point_scale * reg_points.detach()
-            cls_feat = self.cls_dcn(cls_feat, cls_points - self.kernel_grid)
+            cls_feat, reg_feat, coarse, reg_points, cls_points = self.salt(
+                cls_feat, reg_feat, x, level
+            )
         box_logits = self.bbox_pred(reg_feat).float() * self.bbox_scales[level].float()
         quality = self.quality(self._distribution_statistics(box_logits).to(x.dtype)).sigmoid()
         scores = self.cls_score(cls_feat).float().sigmoid() * quality.float()
         return scores, box_logits, coarse, reg_points, cls_points
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            name = key[len(prefix) :]
+            if name.split(".", 1)[0] in _SALT_MODULES:  # an older checkpoint's name
+                state_dict[prefix + "salt." + name] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _distribution_statistics(self, box_logits: torch.Tensor) -> torch.Tensor:
         """(N, 4 x (reg_max + 1), H, W) logits -> (N, 4 x (topk [+ 1]), H, W) DGQP input."""

@@ -133,7 +133,8 @@ class SALTNet(DenseDetector):
         self.max_detections_per_image = max_detections_per_image
         self.input_format = input_format
         if getattr(head, "salt_on", False):
-            logger.info("SALT head: deformable convs run on the %r backend.", head.reg_dcn.backend)
+            backend = head.salt.reg_dcn.backend
+            logger.info("SALT head: deformable convs run on the %r backend.", backend)
 
     @classmethod
     def from_config(cls, cfg):
