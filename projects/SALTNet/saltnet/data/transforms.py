@@ -24,9 +24,6 @@ class OpenCVResizeTransform(T.ResizeTransform):
     """detectron2's ``ResizeTransform`` whose images are resized by ``cv2.resize`` (bilinear);
     boxes and coordinates scale exactly as detectron2's do."""
 
-    def __init__(self, h: int, w: int, new_h: int, new_w: int):
-        super().__init__(h, w, new_h, new_w)
-
     def apply_image(self, img: np.ndarray, interp=None) -> np.ndarray:
         assert img.shape[:2] == (self.h, self.w), (img.shape, (self.h, self.w))
         out = cv2.resize(img, (self.new_w, self.new_h), interpolation=cv2.INTER_LINEAR)

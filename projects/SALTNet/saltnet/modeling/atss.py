@@ -86,8 +86,9 @@ def atss_assign(
     gt_centers = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2  # (M, 2)
     # Squared distances rank the anchors the same way as distances.
     sq_distances = (anchor_centers[:, None, :] - gt_centers[None, :, :]).pow(2).sum(dim=-1)
-    if valid is not None:
-        sq_distances = torch.where(valid[:, None], sq_distances, math.inf)
+    if valid is None:
+        valid = torch.ones(num_anchors, dtype=torch.bool, device=anchors.device)
+    sq_distances = torch.where(valid[:, None], sq_distances, math.inf)
 
     candidate_idxs = []  # (k_i, M) anchor indices per level
     start = 0
@@ -99,10 +100,7 @@ def atss_assign(
         start = end
     candidate_idxs = torch.cat(candidate_idxs, dim=0)  # (C, M)
     # Invalid anchors reach the top-k only on levels with fewer than topk valid ones: drop them.
-    if valid is None:
-        is_candidate = torch.ones_like(candidate_idxs, dtype=torch.bool)
-    else:
-        is_candidate = valid[candidate_idxs]
+    is_candidate = valid[candidate_idxs]
 
     # float64: when a gt's candidate IoUs are all equal (std 0), float32's mean + std can round
     # above them and reject every candidate (C * IoU and its mean are exact in float64).
