@@ -17,7 +17,7 @@ from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, VisImage, Visualizer
 
 from .data.transforms import with_resize_backend
-from .modeling.meta_arch import POINT_SET_FIELDS
+from .modeling.point_sets import POINT_SET_FIELDS
 
 __all__ = [
     "REG_POINT_COLOR",

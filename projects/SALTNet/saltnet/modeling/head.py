@@ -15,8 +15,8 @@ from detectron2.layers import ShapeSpec, get_norm
 from torch import nn
 from torch.nn import functional as F
 
-from ..layers import DeformConv, ModulatedDeformConv
-from .salt import SALTOperator, conv_norm_relu
+from ..layers import ModulatedDeformConv
+from .salt import SALTOperator, conv_norm_relu, normal_init_
 
 __all__ = ["SALTHead"]
 
@@ -132,11 +132,7 @@ class SALTHead(nn.Module):
 
     def _init_weights(self, prior_prob: float):
         """Convs normal(std 0.01), biases 0, DCNv2 offsets 0, class bias from the prior."""
-        for module in self.modules():
-            if isinstance(module, (nn.Conv2d, DeformConv, ModulatedDeformConv)):
-                nn.init.normal_(module.weight, std=0.01)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        normal_init_(self.modules())
         for module in self.modules():
             if isinstance(module, _ModulatedDeformTowerConv):
                 nn.init.zeros_(module.offset_conv.weight)

@@ -24,14 +24,13 @@ from .box_coding import (
 )
 from .head import SALTHead
 from .losses import distribution_focal_loss, giou_loss, quality_focal_loss
+from .point_sets import PointSetOutputs
 
 __all__ = ["SALTNet", "SDR_MODES"]
 
 logger = logging.getLogger(__name__)
 
 SDR_MODES = ("none", "gt", "distill", "both")
-# Per-detection fields of the SALT point sets (with SALTNet.output_point_sets).
-POINT_SET_FIELDS = ("pred_reg_points", "pred_cls_points")
 
 
 def head_input_shapes(backbone, in_features: List[str]) -> List[ShapeSpec]:
@@ -61,7 +60,7 @@ def reduce_mean(tensor: Tensor) -> Tensor:
 
 
 @META_ARCH_REGISTRY.register()
-class SALTNet(DenseDetector):
+class SALTNet(PointSetOutputs, DenseDetector):
     """SALT-Net (Yang et al., ECML PKDD 2022): a GFLV2-style detector with the SALT head.
 
     One anchor point per location (anchor centres at ``(j, i) x stride``), ATSS assignment with a
@@ -72,10 +71,9 @@ class SALTNet(DenseDetector):
     Each detection records where it was decoded (``pred_levels``, ``pred_locations``). With
     ``output_point_sets`` set True (SALT head only), it also carries the SALT point sets of its
     location: ``pred_reg_points`` / ``pred_cls_points`` (D, 9, 2) xy pixels, in the input image's
-    frame like ``pred_boxes`` (what ``DefaultPredictor`` returns), in the order of a 3x3 kernel.
+    frame like ``pred_boxes`` (what ``DefaultPredictor`` returns), in the order of a 3x3 kernel
+    (see :class:`PointSetOutputs`).
     """
-
-    output_point_sets = False
 
     @configurable
     def __init__(
@@ -304,43 +302,26 @@ class SALTNet(DenseDetector):
     # ----------------------------------------------------------------------------------------
     # Inference
     # ----------------------------------------------------------------------------------------
-    def forward(self, batched_inputs: List[Dict[str, Tensor]]):
-        """:meth:`DenseDetector.forward`; in inference the point sets (``output_point_sets``) are
-        rescaled to each input's ``height`` / ``width``, as ``detector_postprocess`` does boxes."""
-        outputs = super().forward(batched_inputs)
-        if self.training or not self.output_point_sets:
-            return outputs
-        for output, inputs in zip(outputs, batched_inputs):
-            instances, (height, width) = output["instances"], inputs["image"].shape[-2:]
-            out_height, out_width = instances.image_size
-            scale = instances.scores.new_tensor([out_width / width, out_height / height])
-            for name in POINT_SET_FIELDS:
-                instances.set(name, instances.get(name) * scale)
-        return outputs
-
     def forward_inference(self, images, features, predictions):
         """Detections of each image (:meth:`inference_single_image`), from the head's per-level
         ``predictions`` (``features`` give only the levels' sizes). Their point sets, with
         ``output_point_sets``, are in pixels of the network's input (``images``)."""
-        groups, dims = list(predictions[:2]), [self.num_classes, 4 * (self.reg_max + 1)]
-        if self.output_point_sets:
-            if len(predictions) < 5 or predictions[3] is None:
-                raise ValueError(
-                    "output_point_sets needs the SALT head's point sets; this head has none "
-                    "(MODEL.SALTNET.SALT_ON False)."
-                )
-            groups, dims = groups + list(predictions[3:5]), dims + [18, 18]
-        groups = self._transpose_dense_predictions(groups, dims)  # (N, Hi x Wi, dim) per level
+        groups = self._transpose_dense_predictions(
+            predictions[:2], [self.num_classes, 4 * (self.reg_max + 1)]
+        )  # (N, Hi x Wi, dim) per level
         centers = [a.get_centers() for a in self.anchor_generator(features)]
-        return [
+        results = [
             self.inference_single_image(centers, [[x[i] for x in g] for g in groups], image_size)
             for i, image_size in enumerate(images.image_sizes)
         ]
+        if self.output_point_sets:
+            self.attach_point_sets(results, predictions[3:5], centers, self.strides)
+        return results
 
     def inference_single_image(self, centers, predictions, image_size) -> Instances:
         """One image, as FCOS's: each level decoded (:meth:`_decode_level`), then class-wise NMS
         and the ``max_detections_per_image`` best. ``centers``: (Ri, 2) anchor points (pixels)
-        per level; ``predictions``: the groups of ``forward_inference``, per level (Ri, dim).
+        per level; ``predictions``: (scores, box logits) per level, (Ri, dim) each.
         """
         pred = Instances.cat(
             [
@@ -353,15 +334,12 @@ class SALTNet(DenseDetector):
         )
         return pred[keep[: self.max_detections_per_image]]
 
-    def _decode_level(
-        self, level, centers, stride, scores, box_logits, *point_sets, image_size
-    ) -> Instances:
+    def _decode_level(self, level, centers, stride, scores, box_logits, *, image_size) -> Instances:
         """One level of one image: top-k locations by max joint score, then score threshold.
 
-        centers (R, 2) pixels; scores (R, K); box_logits (R, 4 x (reg_max + 1)); point_sets: none,
-        or (R, 18) regression and classification points; R = H x W of the level in raster order.
-        Each detection records ``pred_levels`` (index into ``head_in_features``),
-        ``pred_locations`` (index in 0..R-1, i.e. row x W + column) and the point sets' fields.
+        centers (R, 2) pixels; scores (R, K); box_logits (R, 4 x (reg_max + 1)); R = H x W of the
+        level in raster order. Each detection records ``pred_levels`` (index into
+        ``head_in_features``) and ``pred_locations`` (index in 0..R-1, i.e. row x W + column).
         """
         scores = scores.float()
         # The release's nms_pre order: the test_topk_candidates locations with the highest
@@ -376,12 +354,6 @@ class SALTNet(DenseDetector):
         distances = distribution_to_distances(box_logits[top_locations].float(), self.reg_max)
         boxes = Boxes(distances_to_boxes(centers[top_locations], distances * stride))
         boxes.clip(image_size)
-        # (y, x) stride units from the anchor point -> (x, y) pixels.
-        points = {
-            name: yx[top_locations].float().unflatten(1, (9, 2)).flip(2) * stride
-            + centers[top_locations, None]
-            for name, yx in zip(POINT_SET_FIELDS, point_sets)
-        }
         return Instances(
             image_size,
             pred_boxes=boxes,
@@ -389,5 +361,4 @@ class SALTNet(DenseDetector):
             pred_classes=class_idx,
             pred_levels=torch.full_like(class_idx, level),
             pred_locations=top_locations,
-            **points,
         )
