@@ -40,7 +40,13 @@ dataloader.test = L(build_detection_test_loader)(
     num_workers=4,
 )
 
-dataloader.evaluator = L(COCOEvaluator)(dataset_name="${..test.dataset.names}", tasks=("bbox",))
+# Results (and, for datasets not in COCO format, their COCO conversion) go to the run's
+# output_dir/inference, as detectron2's DefaultTrainer does.
+dataloader.evaluator = L(COCOEvaluator)(
+    dataset_name="${..test.dataset.names}",
+    tasks=("bbox",),
+    output_dir="${...train.output_dir}/inference",
+)
 
 # Datasets that train_net.py registers before building the loaders: a list of
 # "NAME=coco:JSON_FILE:IMAGE_ROOT" / "NAME=voc:VOC_DIR:SPLIT[:CLASSES]" specs, and where the

@@ -96,6 +96,12 @@ def add_saltnet_config(cfg):
     # How images are resized: "pil" (detectron2's) or "opencv" (the release's: cv2 bilinear
     # and mmcv's size rounding; use it to evaluate converted release checkpoints).
     cfg.INPUT.RESIZE_BACKEND = "pil"
+    # SALT as a plug-in on detectron2's RetinaNet (MODEL.META_ARCHITECTURE "SALTRetinaNet", see
+    # saltnet/modeling/plugin.py): the SALT operator on/off (off = detectron2's RetinaNet), the
+    # norm of its convs, the weight of the coarse-box GIoU loss. Deformable convs: DEFORM_BACKEND.
+    cfg.MODEL.RETINANET.SALT_ON = True
+    cfg.MODEL.RETINANET.SALT_NORM = "GN"
+    cfg.MODEL.RETINANET.SALT_COARSE_LOSS_WEIGHT = 1.0
     return cfg
 
 

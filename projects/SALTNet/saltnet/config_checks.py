@@ -120,10 +120,24 @@ def _unknown_key_error(cfg: CfgNode, key: str, source: str) -> UnknownConfigKeyE
     return UnknownConfigKeyError(message, key, source, suggestions)
 
 
+# Where each YAML-built meta-architecture of this project keeps its class count.
+NUM_CLASSES_KEYS = {
+    "SALTNet": "MODEL.SALTNET.NUM_CLASSES",
+    "SALTRetinaNet": "MODEL.RETINANET.NUM_CLASSES",
+    "RetinaNet": "MODEL.RETINANET.NUM_CLASSES",
+}
+
+
+def num_classes_of(cfg: CfgNode) -> Optional[Tuple[str, int]]:
+    """(key, value) of the model's class count (``NUM_CLASSES_KEYS``), None if not known."""
+    key = NUM_CLASSES_KEYS.get(cfg.MODEL.META_ARCHITECTURE)
+    return (key, reduce(getattr, key.split("."), cfg)) if key else None
+
+
 def check_config(cfg: CfgNode) -> CfgNode:
     """Check ``MODEL.META_ARCHITECTURE`` and ``MODEL.BACKBONE.NAME`` against detectron2's
-    registries, and ``SOLVER.IMS_PER_BATCH`` and (for ``SALTNet``) ``NUM_CLASSES`` >= 1; return
-    ``cfg``. Raises :class:`ConfigError` with one line per problem."""
+    registries, and ``SOLVER.IMS_PER_BATCH`` and the class count (:func:`num_classes_of`)
+    >= 1; return ``cfg``. Raises :class:`ConfigError` with one line per problem."""
     problems = []
     for key, value, registry in (
         ("MODEL.META_ARCHITECTURE", cfg.MODEL.META_ARCHITECTURE, META_ARCH_REGISTRY),
@@ -137,8 +151,8 @@ def check_config(cfg: CfgNode) -> CfgNode:
                 + (f" Did you mean: {', '.join(close)}?" if close else "")
             )
     counts = [("SOLVER.IMS_PER_BATCH", cfg.SOLVER.IMS_PER_BATCH)]
-    if cfg.MODEL.META_ARCHITECTURE == "SALTNet":
-        counts.append(("MODEL.SALTNET.NUM_CLASSES", cfg.MODEL.SALTNET.NUM_CLASSES))
+    if num_classes_of(cfg):
+        counts.append(num_classes_of(cfg))
     for key, value in counts:
         if not isinstance(value, int) or value < 1:
             problems.append(f"{key} is {value!r}; it must be an integer >= 1.")

@@ -16,6 +16,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from .checkpoint import AtomicCheckpointer
+from .config_checks import num_classes_of
 from .data.loader import build_saltnet_test_loader, build_saltnet_train_loader
 from .data.sampler import ResumableBatchSampler
 from .data.sanitize import check_num_classes
@@ -118,8 +119,9 @@ class SALTNetTrainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         loader = build_saltnet_train_loader(cfg)
-        if cfg.MODEL.META_ARCHITECTURE == "SALTNet":  # after loading: COCO sets the classes then
-            check_num_classes(cfg.MODEL.SALTNET.NUM_CLASSES, cfg.DATASETS.TRAIN)
+        if num_classes_of(cfg):  # after loading: COCO sets the classes then
+            key, num_classes = num_classes_of(cfg)
+            check_num_classes(num_classes, cfg.DATASETS.TRAIN, key)
         return loader
 
     @classmethod

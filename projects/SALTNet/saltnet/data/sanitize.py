@@ -118,10 +118,15 @@ def _class_list(names: Sequence[str], limit: int = 10) -> str:
     return f"[{', '.join(map(repr, names[:limit]))}{', ...' if len(names) > limit else ''}]"
 
 
-def check_num_classes(num_classes: int, dataset_names: Union[str, Sequence[str]]) -> None:
-    """Compare the model's class count (``MODEL.SALTNET.NUM_CLASSES``, a LazyConfig's
-    ``model.num_classes``) with the ``thing_classes`` of the datasets named (call it after
-    ``DatasetCatalog.get``, which sets a COCO json dataset's). Datasets without them are skipped.
+def check_num_classes(
+    num_classes: int,
+    dataset_names: Union[str, Sequence[str]],
+    key: str = "MODEL.SALTNET.NUM_CLASSES, model.num_classes",
+) -> None:
+    """Compare the model's class count (``key``: e.g. ``MODEL.SALTNET.NUM_CLASSES``, a
+    LazyConfig's ``model.num_classes``) with the ``thing_classes`` of the datasets named (call
+    it after ``DatasetCatalog.get``, which sets a COCO json dataset's). Datasets without them
+    are skipped.
 
     Raises ValueError if the datasets' class lists differ or have more classes than the model;
     fewer only warn.
@@ -140,13 +145,13 @@ def check_num_classes(num_classes: int, dataset_names: Union[str, Sequence[str]]
     if len(classes) > num_classes:
         raise ValueError(
             f"Dataset {name!r} has {len(classes)} classes {_class_list(classes)} but the model "
-            f"has {num_classes} (MODEL.SALTNET.NUM_CLASSES, model.num_classes); set it to "
+            f"has {num_classes} ({key}); set it to "
             f"{len(classes)}."
         )
     if 0 < len(classes) < num_classes:
         logger.warning(
             f"Dataset {name!r} has {len(classes)} classes but the model has {num_classes} "
-            f"(MODEL.SALTNET.NUM_CLASSES, model.num_classes): {num_classes - len(classes)} "
+            f"({key}): {num_classes - len(classes)} "
             f"classifier outputs are never trained as positives. Set it to {len(classes)} "
             "unless intended."
         )

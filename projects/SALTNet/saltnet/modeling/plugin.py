@@ -1,0 +1,259 @@
+"""SALT as a plug-in for detectron2's own dense detectors: RetinaNet and FCOS with ``salt_on``.
+
+The heads are detectron2's :class:`RetinaNetHead` / :class:`FCOSHead` with the SALT operator
+(:class:`SALTOperator`) between the towers and the predictors: the class logits are predicted from
+the features sampled at the classification points, the box deltas (and FCOS's centerness) from
+those sampled at the regression points. RetinaNet's A anchors of a location share its coarse box
+and point sets. With ``salt_on=False`` a head *is* detectron2's (same modules, same random draws,
+same outputs) and the detectors equal detectron2's ``RetinaNet`` / ``FCOS``.
+
+The detectors add one loss, ``loss_salt_coarse``: 1 - GIoU of the coarse box (decoded around the
+anchor's centre) against the matched ground truth, summed over the detector's own positives
+(RetinaNet: every positive anchor; FCOS: every positive point), divided by the detector's own box
+loss normaliser (its EMA of the positive count), times ``loss_coarse_weight``.
+
+Units: the coarse distances and the points are in stride units of their level, from the anchor
+centre of the location, the point the detector's own box deltas are decoded around (detectron2's
+RetinaNet: ``(j, i) x stride``; its FCOS: ``(j + 0.5, i + 0.5) x stride``).
+"""
+
+import logging
+from typing import List, Optional
+
+import torch
+from detectron2.config import configurable
+from detectron2.layers import cat
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.modeling.meta_arch import FCOS, RetinaNet
+from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
+from detectron2.modeling.meta_arch.fcos import FCOSHead
+from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
+from detectron2.structures import Boxes, Instances
+
+from .box_coding import distances_to_boxes
+from .losses import giou_loss
+from .point_sets import PointSetOutputs
+from .salt import SALTOperator, SALTOutput, normal_init_
+
+__all__ = ["SALTFCOS", "SALTFCOSHead", "SALTRetinaNet", "SALTRetinaNetHead"]
+
+logger = logging.getLogger(__name__)
+
+# The head's SALT outputs, after detectron2's own prediction groups.
+_SALT_GROUPS = ("coarse", "reg_points", "cls_points")
+
+
+class SALTRetinaNetHead(RetinaNetHead):
+    """detectron2's :class:`RetinaNetHead`, with the SALT operator if ``salt_on``.
+
+    ``forward(features)`` returns detectron2's lists (logits (N, A x K, Hi, Wi), deltas
+    (N, A x 4, Hi, Wi)) and, with SALT, three more per-level lists: ``coarse`` (N, 4, Hi, Wi)
+    float32 (left, top, right, bottom) and ``reg_points`` / ``cls_points`` (N, 18, Hi, Wi) nine
+    (y, x) points, all in stride units from the anchor centre.
+
+    Args (besides :class:`RetinaNetHead`'s):
+        salt_on: add the SALT operator (needs ``conv_dims[-1]`` = the input channels, for its
+            residual connection).
+        salt_norm: the norm of the SALT operator's convs ("GN" as in SALT-Net).
+        deform_backend: its deformable convs' backend (see ``saltnet.layers.DeformConv``).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        input_shape,
+        conv_dims: List[int],
+        salt_on: bool = True,
+        salt_norm: str = "GN",
+        deform_backend: Optional[str] = "auto",
+        **kwargs,
+    ):
+        super().__init__(input_shape=input_shape, conv_dims=conv_dims, **kwargs)
+        self.salt_on = salt_on
+        if not salt_on:
+            return
+        channels = {s.channels for s in input_shape} | {conv_dims[-1]}
+        if len(channels) != 1:
+            raise ValueError(
+                "The SALT operator adds the head's input to its last tower conv: they need the "
+                f"same number of channels, got {sorted(channels)} (input_shape, conv_dims)."
+            )
+        self.salt = SALTOperator(channels.pop(), len(input_shape), salt_norm, deform_backend)
+        normal_init_(self.salt.modules())
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        return {
+            **super().from_config(cfg, input_shape),
+            "salt_on": cfg.MODEL.RETINANET.SALT_ON,
+            "salt_norm": cfg.MODEL.RETINANET.SALT_NORM,
+            "deform_backend": cfg.MODEL.SALTNET.DEFORM_BACKEND,
+        }
+
+    def forward(self, features: List[torch.Tensor]):
+        if not self.salt_on:
+            return super().forward(features)
+        if len(features) != self._num_features:
+            raise ValueError(f"Head built for {self._num_features} levels, got {len(features)}.")
+        salt = [
+            self.salt(self.cls_subnet(x), self.bbox_subnet(x), x, level)
+            for level, x in enumerate(features)
+        ]
+        return (*self.predict(salt), *([getattr(s, g) for s in salt] for g in _SALT_GROUPS))
+
+    def predict(self, salt: List[SALTOutput]):
+        """detectron2's predictors on the SALT-sampled features, per level: (logits, deltas)."""
+        logits = [self.cls_score(s.cls_feat) for s in salt]
+        return logits, [self.bbox_pred(s.reg_feat) for s in salt]
+
+
+class SALTFCOSHead(SALTRetinaNetHead, FCOSHead):
+    """detectron2's :class:`FCOSHead`, with the SALT operator if ``salt_on``: as
+    :class:`SALTRetinaNetHead` (A = 1), the centerness predicted from the regression features."""
+
+    def predict(self, salt: List[SALTOutput]):
+        logits, deltas = super().predict(salt)
+        return logits, deltas, [self.ctrness(s.reg_feat) for s in salt]
+
+
+class _SALTPlugin(PointSetOutputs):
+    """What the SALT plug-in adds to a detectron2 dense detector (RetinaNet, FCOS): the coarse-box
+    loss, where each detection was decoded (``pred_levels``, ``pred_locations``), and the point
+    sets (``output_point_sets``, see :class:`PointSetOutputs`)."""
+
+    # detectron2's prediction groups of the detector: (logits, deltas[, centerness]).
+    _num_groups: int
+
+    def _split_predictions(self, predictions):
+        """(detectron2's prediction groups, SALT's (coarse, reg_points, cls_points) or None)."""
+        base, salt = predictions[: self._num_groups], predictions[self._num_groups :]
+        return base, (salt or None)
+
+    def coarse_loss(self, anchors: List[Boxes], coarse, gt_labels, gt_boxes) -> torch.Tensor:
+        """``loss_salt_coarse`` (module doc), float32. ``coarse``: per level (N, 4, Hi, Wi);
+        ``gt_labels`` / ``gt_boxes``: per image (R,) / (R, 4) as ``label_anchors`` gives them,
+        R = sum of Hi x Wi x A. Call after ``losses`` (it updates the normaliser)."""
+        num_anchors = self.anchor_generator.num_cell_anchors[0]
+        coarse = cat([permute_to_N_HWA_K(c, 4) for c in coarse], dim=1).float()
+        coarse = coarse.repeat_interleave(num_anchors, dim=1)  # (N, R, 4): A per location
+        centers = Boxes.cat(anchors).get_centers()
+        strides = cat(
+            [
+                centers.new_full((len(a),), float(s))
+                for a, s in zip(anchors, self.anchor_generator.strides)
+            ]
+        )
+        boxes = distances_to_boxes(centers, coarse * strides[:, None])
+        gt_labels = torch.stack(gt_labels)
+        positive = (gt_labels >= 0) & (gt_labels != self.num_classes)
+        loss = giou_loss(boxes, torch.stack(gt_boxes).float())
+        loss = torch.where(positive, loss, torch.zeros_like(loss)).sum()
+        return self.loss_coarse_weight * loss / self.loss_normalizer
+
+    def forward_inference(self, images, features, predictions):
+        predictions, salt = self._split_predictions(predictions)
+        results = super().forward_inference(images, features, predictions)
+        if self.output_point_sets:
+            num_anchors = self.anchor_generator.num_cell_anchors[0]
+            centers = [a.get_centers()[::num_anchors] for a in self.anchor_generator(features)]
+            point_sets = salt[1:] if salt else (None, None)
+            self.attach_point_sets(results, point_sets, centers, self.anchor_generator.strides)
+        return results
+
+    def _decode_multi_level_predictions(
+        self, anchors, pred_scores, pred_deltas, score_thresh, topk_candidates, image_size
+    ) -> Instances:
+        """detectron2's decode (per level: the (anchor, class) pairs scoring above
+        ``score_thresh``, the ``topk_candidates`` best of them), each detection also recording
+        ``pred_levels`` and ``pred_locations`` (its anchor's location, row x Wi + column).
+        Per level: anchors (Ri x A) Boxes, pred_scores (Ri x A, K), pred_deltas (Ri x A, 4)."""
+        num_anchors = self.anchor_generator.num_cell_anchors[0]
+        per_level = []
+        for level, (anchors_i, scores_i, deltas_i) in enumerate(
+            zip(anchors, pred_scores, pred_deltas)
+        ):
+            keep = scores_i > score_thresh
+            scores, pairs = scores_i[keep], keep.nonzero()
+            scores, top = scores.topk(min(len(pairs), topk_candidates))
+            anchor_idx, class_idx = pairs[top].unbind(dim=1)
+            boxes = self.box2box_transform.apply_deltas(
+                deltas_i[anchor_idx], anchors_i.tensor[anchor_idx]
+            )
+            per_level.append(
+                Instances(
+                    image_size,
+                    pred_boxes=Boxes(boxes),
+                    scores=scores,
+                    pred_classes=class_idx,
+                    pred_levels=torch.full_like(class_idx, level),
+                    pred_locations=anchor_idx // num_anchors,
+                )
+            )
+        return Instances.cat(per_level)
+
+
+@META_ARCH_REGISTRY.register()
+class SALTRetinaNet(_SALTPlugin, RetinaNet):
+    """detectron2's :class:`RetinaNet` with a :class:`SALTRetinaNetHead` (module doc).
+
+    YAML: ``MODEL.META_ARCHITECTURE "SALTRetinaNet"`` with detectron2's ``MODEL.RETINANET`` keys
+    and ``MODEL.RETINANET.SALT_ON`` / ``SALT_NORM`` / ``SALT_COARSE_LOSS_WEIGHT``.
+    """
+
+    _num_groups = 2
+
+    @configurable
+    def __init__(self, *, loss_coarse_weight: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.loss_coarse_weight = loss_coarse_weight
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        # RetinaNet.from_config built a plain RetinaNetHead: replace it.
+        shapes = ret["backbone"].output_shape()
+        head_shapes = [shapes[f] for f in cfg.MODEL.RETINANET.IN_FEATURES]
+        ret["head"] = SALTRetinaNetHead(cfg, head_shapes)
+        ret["loss_coarse_weight"] = cfg.MODEL.RETINANET.SALT_COARSE_LOSS_WEIGHT
+        return ret
+
+    def forward_training(self, images, features, predictions, gt_instances):
+        predictions, salt = self._split_predictions(predictions)
+        if salt is None:
+            return super().forward_training(images, features, predictions, gt_instances)
+        pred_logits, pred_deltas = self._transpose_dense_predictions(
+            predictions, [self.num_classes, 4]
+        )
+        anchors = self.anchor_generator(features)
+        gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
+        losses = self.losses(anchors, pred_logits, gt_labels, pred_deltas, gt_boxes)
+        losses["loss_salt_coarse"] = self.coarse_loss(anchors, salt[0], gt_labels, gt_boxes)
+        return losses
+
+
+@META_ARCH_REGISTRY.register()
+class SALTFCOS(_SALTPlugin, FCOS):
+    """detectron2's :class:`FCOS` with a :class:`SALTFCOSHead` (module doc); LazyConfig only,
+    as detectron2's FCOS (``configs/plugin/fcos_R_50_FPN_1x_salt.py``)."""
+
+    _num_groups = 3
+
+    def __init__(self, *, loss_coarse_weight: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.loss_coarse_weight = loss_coarse_weight
+
+    def forward_training(self, images, features, predictions, gt_instances):
+        predictions, salt = self._split_predictions(predictions)
+        if salt is None:
+            return super().forward_training(images, features, predictions, gt_instances)
+        pred_logits, pred_deltas, pred_centerness = self._transpose_dense_predictions(
+            predictions, [self.num_classes, 4, 1]
+        )
+        anchors = self.anchor_generator(features)
+        gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
+        losses = self.losses(
+            anchors, pred_logits, gt_labels, pred_deltas, gt_boxes, pred_centerness
+        )
+        losses["loss_salt_coarse"] = self.coarse_loss(anchors, salt[0], gt_labels, gt_boxes)
+        return losses

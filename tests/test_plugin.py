@@ -1,0 +1,241 @@
+"""SALT as a plug-in on detectron2's RetinaNet and FCOS (saltnet/modeling/plugin.py).
+
+With SALT off the plug-in detectors must *be* detectron2's: same parameters from the same seed,
+identical losses and detections with the same weights. With SALT on: the extra outputs, the
+coarse-box loss on hand-made cases, gradients, and the point sets of each detection.
+"""
+
+import pytest
+import torch
+from detectron2 import model_zoo
+from detectron2.config import LazyCall as L
+from detectron2.config import instantiate
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_model
+from detectron2.modeling.backbone import BasicStem, ResNet
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from saltnet.config import get_saltnet_cfg
+from saltnet.modeling import SALTFCOS, SALTFCOSHead, SALTRetinaNet, SALTRetinaNetHead
+from saltnet.modeling.box_coding import aligned_giou
+
+CHANNELS = 32
+NUM_CLASSES = 3
+
+
+def small_lazy_model(name: str):
+    """detectron2's model-zoo LazyConfig model ``name``, shrunk: ResNet-18, 32-channel FPN,
+    two tower convs, three classes."""
+    model = model_zoo.get_config(f"COCO-Detection/{name}_R_50_FPN_1x.py").model
+    model.backbone.bottom_up = L(ResNet)(
+        stem=L(BasicStem)(in_channels=3, out_channels=64, norm="FrozenBN"),
+        stages=L(ResNet.make_default_stages)(depth=18, norm="FrozenBN"),
+        out_features=["res3", "res4", "res5"],
+    )
+    model.backbone.out_channels = CHANNELS
+    # P6 from C5 (RetinaNet, 512 channels in ResNet-18) or from P5 (FCOS).
+    model.backbone.top_block.in_channels = 512 if name == "retinanet" else CHANNELS
+    model.head.input_shape = [ShapeSpec(channels=CHANNELS)] * 5
+    model.head.conv_dims = [CHANNELS] * 2
+    model.num_classes = NUM_CLASSES
+    return model
+
+
+def plugin(model, salt_on: bool):
+    """The same LazyConfig model as the SALT plug-in."""
+    detector, head = {
+        "fcos": (SALTFCOS, SALTFCOSHead),
+        "retinanet": (SALTRetinaNet, SALTRetinaNetHead),
+    }[model._target_.__name__.lower()]
+    model = model.copy()
+    model._target_, model.head._target_ = detector, head
+    model.head.salt_on = salt_on
+    model.head.deform_backend = "torchvision"
+    return model
+
+
+def batch():
+    """Two images of different sizes with boxes (one image empty)."""
+    generator = torch.Generator().manual_seed(1)
+    inputs = []
+    for (h, w), boxes in [((96, 128), [[10, 12, 60, 70], [70, 20, 120, 90]]), ((80, 64), [])]:
+        instances = Instances((h, w))
+        instances.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+        instances.gt_classes = torch.arange(len(boxes)) % NUM_CLASSES
+        image = torch.randint(0, 256, (3, h, w), generator=generator, dtype=torch.uint8)
+        inputs.append({"image": image, "instances": instances, "height": h, "width": w})
+    return inputs
+
+
+def losses_of(model):
+    model.train()
+    with EventStorage():
+        return model(batch())
+
+
+def detections_of(model):
+    model.eval()
+    model.test_score_thresh = 0.0  # an untrained model: keep every candidate
+    with torch.no_grad():
+        return [out["instances"] for out in model(batch())]
+
+
+@pytest.mark.parametrize("name", ["fcos", "retinanet"])
+def test_salt_off_is_detectron2(name):
+    lazy = small_lazy_model(name)
+    torch.manual_seed(0)
+    reference = instantiate(lazy)
+    torch.manual_seed(0)
+    ours = instantiate(plugin(lazy, salt_on=False))
+    # Same modules, same random draws.
+    ref_state, our_state = reference.state_dict(), ours.state_dict()
+    assert list(ref_state) == list(our_state)
+    for key in ref_state:
+        assert torch.equal(ref_state[key], our_state[key]), key
+
+    # Identical losses (the EMA normaliser included) over two steps, and detections.
+    for _ in range(2):
+        ref_losses, our_losses = losses_of(reference), losses_of(ours)
+        assert ref_losses.keys() == our_losses.keys()
+        for key in ref_losses:
+            assert torch.equal(ref_losses[key], our_losses[key]), key
+    for ref, out in zip(detections_of(reference), detections_of(ours)):
+        assert len(ref) > 0
+        assert torch.equal(ref.pred_boxes.tensor, out.pred_boxes.tensor)
+        assert torch.equal(ref.scores, out.scores)
+        assert torch.equal(ref.pred_classes, out.pred_classes)
+
+
+def test_salt_off_retinanet_from_yaml_is_detectron2():
+    cfg = get_saltnet_cfg()
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.RESNETS.DEPTH = 18
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res3", "res4", "res5"]
+    cfg.MODEL.FPN.IN_FEATURES = ["res3", "res4", "res5"]
+    cfg.MODEL.FPN.OUT_CHANNELS = CHANNELS
+    cfg.MODEL.BACKBONE.NAME = "build_retinanet_resnet_fpn_backbone"
+    cfg.MODEL.RETINANET.NUM_CLASSES = NUM_CLASSES
+    cfg.MODEL.RETINANET.NUM_CONVS = 2
+    cfg.MODEL.RETINANET.SALT_ON = False
+    cfg.MODEL.META_ARCHITECTURE = "RetinaNet"
+    reference = build_model(cfg)
+    cfg.MODEL.META_ARCHITECTURE = "SALTRetinaNet"
+    ours = build_model(cfg)
+    assert type(ours) is SALTRetinaNet and not ours.head.salt_on
+    ours.load_state_dict(reference.state_dict())
+    ref_losses, our_losses = losses_of(reference), losses_of(ours)
+    assert all(torch.equal(ref_losses[k], our_losses[k]) for k in ref_losses)
+    assert ref_losses.keys() == our_losses.keys()
+
+    cfg.MODEL.RETINANET.SALT_ON = True
+    cfg.MODEL.SALTNET.DEFORM_BACKEND = "torchvision"
+    salt = build_model(cfg)
+    assert salt.head.salt_on and salt.head.salt.reg_dcn.backend == "torchvision"
+    assert "loss_salt_coarse" in losses_of(salt)
+
+
+@pytest.mark.parametrize("name, num_anchors", [("fcos", 1), ("retinanet", 9)])
+def test_salt_on_outputs_losses_and_gradients(name, num_anchors):
+    torch.manual_seed(0)
+    model = instantiate(plugin(small_lazy_model(name), salt_on=True))
+    features = [torch.randn(2, CHANNELS, 12 // 2**i + 1, 16 // 2**i + 1) for i in range(5)]
+    outputs = model.head(features)
+    assert len(outputs) == model._num_groups + 3
+    logits, deltas, *_, coarse, reg_points, cls_points = outputs
+    for x, lg, dl, c, rp, cp in zip(features, logits, deltas, coarse, reg_points, cls_points):
+        n, _, h, w = x.shape
+        assert lg.shape == (n, num_anchors * NUM_CLASSES, h, w)
+        assert dl.shape == (n, num_anchors * 4, h, w)
+        assert c.shape == (n, 4, h, w) and c.dtype == torch.float32 and (c >= 0).all()
+        assert rp.shape == cp.shape == (n, 18, h, w)
+
+    losses = losses_of(model)
+    assert "loss_salt_coarse" in losses
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    for param_name, param in model.head.salt.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), param_name
+    assert model.head.salt.coarse_pred.weight.grad.abs().sum() > 0
+
+
+def test_salt_operator_channels_must_match_the_input():
+    with pytest.raises(ValueError, match="same number of channels"):
+        SALTRetinaNetHead(
+            input_shape=[ShapeSpec(channels=32)] * 5,
+            num_classes=2,
+            num_anchors=1,
+            conv_dims=[16, 16],
+            salt_on=True,
+        )
+
+
+@pytest.mark.parametrize("name", ["fcos", "retinanet"])
+def test_coarse_loss_on_hand_made_boxes(name):
+    """One level of 2 x 2 points at stride 8 (anchor centres (0, 0), (8, 0), (0, 8), (8, 8));
+    two positive locations: one coarse box equal to its ground truth (loss 0), one a known box."""
+    torch.manual_seed(0)
+    model = instantiate(plugin(small_lazy_model(name), salt_on=True))
+    model.anchor_generator.strides = [8]
+    num_anchors = model.anchor_generator.num_cell_anchors[0]
+    centers = torch.tensor([[0.0, 0.0], [8.0, 0.0], [0.0, 8.0], [8.0, 8.0]])
+    centers = centers.repeat_interleave(num_anchors, dim=0)
+    anchors = [Boxes(torch.cat([centers - 4, centers + 4], dim=1))]
+    # (left, top, right, bottom), stride units, per location, as a (1, 4, 2, 2) map.
+    distances = torch.tensor([[1.0, 1, 2, 2], [0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]])
+    coarse = [distances.t().reshape(1, 4, 2, 2)]
+    gt_box_0 = torch.tensor([-8.0, -8, 16, 16])  # = the coarse box of location 0
+    gt_box_3 = torch.tensor([0.0, 0, 24, 16])
+    labels = torch.full((4 * num_anchors,), NUM_CLASSES)
+    boxes = torch.zeros(4 * num_anchors, 4)
+    labels[0], boxes[0] = 1, gt_box_0  # first anchor of location 0
+    last = 3 * num_anchors  # first anchor of location 3
+    labels[last], boxes[last] = 0, gt_box_3
+    labels[1 if num_anchors > 1 else 2] = -1  # ignored (RetinaNet) / background (FCOS)
+    model.loss_normalizer = 2.0
+    model.loss_coarse_weight = 3.0
+    loss = model.coarse_loss(anchors, coarse, [labels], [boxes])
+    coarse_box_3 = torch.tensor([0.0, 0, 16, 16])
+    expected = 1 - aligned_giou(coarse_box_3[None], gt_box_3[None])[0]  # 1 - 256/384
+    assert torch.allclose(expected, torch.tensor(1 - 256 / 384))
+    assert torch.allclose(loss, 3.0 * expected / 2.0)
+
+
+@pytest.mark.parametrize("name", ["fcos", "retinanet"])
+def test_point_sets_of_plugin_detections(name):
+    torch.manual_seed(0)
+    model = instantiate(plugin(small_lazy_model(name), salt_on=True))
+    model.eval()
+    inputs = batch()
+    model.output_point_sets = True
+    model.test_score_thresh = 0.0
+    with torch.no_grad():
+        outputs = model(inputs)
+        images = model.preprocess_image(inputs)
+        features = model.backbone(images.tensor)
+        features = [features[f] for f in model.head_in_features]
+        reg_points, cls_points = model.head(features)[-2:]
+    strides = model.anchor_generator.strides
+    # The anchor centre of each location (FCOS: offset 0.5, RetinaNet: 0).
+    num_anchors = model.anchor_generator.num_cell_anchors[0]
+    centers = [a.get_centers()[::num_anchors] for a in model.anchor_generator(features)]
+    for i, output in enumerate(outputs):
+        instances = output["instances"]
+        assert len(instances) > 0
+        for det in range(min(len(instances), 20)):
+            level = int(instances.pred_levels[det])
+            location = int(instances.pred_locations[det])
+            row, col = divmod(location, reg_points[level].shape[-1])
+            for field, maps in [("pred_reg_points", reg_points), ("pred_cls_points", cls_points)]:
+                yx = maps[level][i, :, row, col].reshape(9, 2)
+                expected = yx.flip(1) * strides[level] + centers[level][location]
+                assert torch.allclose(instances.get(field)[det], expected, atol=1e-4), field
+
+    model.output_point_sets = False
+    plain = [o["instances"] for o in model(inputs)]
+    assert not plain[0].has("pred_reg_points")
+    off = instantiate(plugin(small_lazy_model(name), salt_on=False)).eval()
+    off.output_point_sets = True
+    with pytest.raises(ValueError, match="SALT_ON False"):
+        off(inputs)
