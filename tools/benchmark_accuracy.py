@@ -1,69 +1,161 @@
 #!/usr/bin/env python
-"""Accuracy of SALT-Net variants trained on equal terms: box AP, mean and spread over seeds.
+"""Accuracy of detectors trained on equal terms: box AP, mean and spread over seeds, and the
+per-seed paired differences SALT on minus SALT off.
 
-Every (variant, seed) pair is one ``train_net.py`` run of the same config (``SEED`` sets the
-initial weights and the training stream), each in its own process with one torch thread, up to
-``--jobs`` at a time. The AP of the run's final COCOEvaluator pass is read from its log.
-Variants (``MODEL.SALTNET`` overrides):
+Every (variant, seed) pair is one ``train_net.py`` run (``SEED`` / ``train.seed`` sets the initial
+weights and the training stream), each in its own process with one torch thread, up to
+``--jobs`` at a time. All variants share the backbone (ResNet-18-FPN from scratch), input size
+(96 px), data pipeline, optimiser and schedule of ``configs/quick_schedule/salt_R_18_synthetic.*``;
+they differ only in the detector. Variants:
 
-- ``sdr_both`` / ``sdr_gt`` / ``sdr_distill`` / ``sdr_none``: SALT on, coarse-box supervision
-  ``SDR_MODE`` both / gt / distill / none (see ``saltnet/config.py``);
-- ``gflv2``: SALT off (the same head without the SALT operator).
+- ``saltnet``: SALT-Net as configured (``SDR_MODE`` gt); ``gflv2``: the same head, SALT off;
+- ``sdr_both`` / ``sdr_gt`` / ``sdr_distill`` / ``sdr_none``: SALT-Net with that ``SDR_MODE``;
+- ``fcos`` / ``fcos_salt``: detectron2's FCOS, SALT off / on (``saltnet/modeling/plugin.py``);
+- ``retinanet`` / ``retinanet_salt``: detectron2's RetinaNet (GroupNorm towers), SALT off / on.
 
-Example (the CPU ablation in the README)::
+``--dataset raccoon`` trains on ``RACCOON_ROOT``'s train split and evaluates on its test split
+(Pascal VOC layout, one class) instead of the synthetic shapes.
 
-    python tools/benchmark_accuracy.py --seeds 0 1 --jobs 2 --output-dir output/accuracy
+Resumable: each finished run leaves ``result.json`` in its directory
+(``OUTPUT_DIR/DATASET/VARIANT_seedS``); a later call with the same settings reuses it and runs
+only what is missing (an interrupted run starts again from scratch). ``results.json`` of the
+dataset is rewritten after every run. Example (the README's comparison)::
+
+    python tools/benchmark_accuracy.py --dataset raccoon --variants fcos fcos_salt \\
+        retinanet retinanet_salt --seeds 0 1 2 3 --jobs 2 --output-dir output/accuracy
 """
 
 import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = os.path.join(REPO_ROOT, "configs", "quick_schedule")
+SALTNET_YAML = os.path.join(QUICK, "salt_R_18_synthetic.yaml")
+FCOS_PY = os.path.join(QUICK, "fcos_salt_R_18_synthetic.py")
+RETINANET_PY = os.path.join(QUICK, "retinanet_salt_R_18_synthetic.py")
+# variant -> (config file, overrides)
 VARIANTS = {
-    "sdr_both": ["MODEL.SALTNET.SDR_MODE", "both"],
-    "sdr_gt": ["MODEL.SALTNET.SDR_MODE", "gt"],
-    "sdr_distill": ["MODEL.SALTNET.SDR_MODE", "distill"],
-    "sdr_none": ["MODEL.SALTNET.SDR_MODE", "none"],
-    "gflv2": ["MODEL.SALTNET.SALT_ON", "False"],
+    "saltnet": (SALTNET_YAML, []),
+    "gflv2": (SALTNET_YAML, ["MODEL.SALTNET.SALT_ON", "False"]),
+    "sdr_both": (SALTNET_YAML, ["MODEL.SALTNET.SDR_MODE", "both"]),
+    "sdr_gt": (SALTNET_YAML, ["MODEL.SALTNET.SDR_MODE", "gt"]),
+    "sdr_distill": (SALTNET_YAML, ["MODEL.SALTNET.SDR_MODE", "distill"]),
+    "sdr_none": (SALTNET_YAML, ["MODEL.SALTNET.SDR_MODE", "none"]),
+    "fcos": (FCOS_PY, ["model.head.salt_on=False"]),
+    "fcos_salt": (FCOS_PY, ["model.head.salt_on=True"]),
+    "retinanet": (RETINANET_PY, ["model.head.salt_on=False"]),
+    "retinanet_salt": (RETINANET_PY, ["model.head.salt_on=True"]),
 }
+# (SALT on, SALT off) pairs whose per-seed differences are reported.
+PAIRS = [("saltnet", "gflv2"), ("fcos_salt", "fcos"), ("retinanet_salt", "retinanet")]
 METRICS = ("AP", "AP50", "AP75")
 _COPYPASTE = re.compile(r"copypaste: AP,AP50,AP75,APs,APm,APl\n.*copypaste: ([-\d.,na]+)")
 
 
 def get_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--config-file",
-        default=os.path.join(REPO_ROOT, "configs/quick_schedule/salt_R_18_synthetic.yaml"),
-    )
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--dataset", choices=["synthetic", "raccoon"], default="synthetic")
+    parser.add_argument(
+        "--raccoon-root", default=os.path.join(REPO_ROOT, "..", "shared", "data", "raccoon")
+    )
+    parser.add_argument(
+        "--iters",
+        type=int,
+        default=800,
+        help="training iterations (the quick configs' 800; LR steps at 77.5%% and 92.5%%, "
+        "warm-up over the first 12.5%%)",
+    )
+    parser.add_argument("--batch", type=int, default=8, help="images per iteration")
+    parser.add_argument("--workers", type=int, default=1, help="data-loading workers per run")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
     parser.add_argument("--output-dir", default=os.path.join(REPO_ROOT, "output/accuracy"))
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for all runs")
+    parser.add_argument(
+        "--yaml-opts", nargs="*", default=[], help="KEY VALUE overrides for YAML variants"
+    )
+    parser.add_argument(
+        "--lazy-opts", nargs="*", default=[], help="key=value overrides for LazyConfig variants"
+    )
     return parser
 
 
+def config_overrides(args, config_file: str):
+    """The shared schedule, batch and dataset as overrides of ``config_file``'s kind."""
+    iters = args.iters
+    steps = sorted({min(iters - 1, max(1, round(iters * f))) for f in (0.775, 0.925)})
+    warmup = max(1, round(iters / 8))
+    root = os.path.abspath(args.raccoon_root)
+    register = [f"raccoon_train=voc:{root}:train", f"raccoon_test=voc:{root}:test"]
+    if config_file.endswith(".yaml"):
+        opts = ["SOLVER.MAX_ITER", iters, "SOLVER.STEPS", tuple(steps)]
+        opts += ["SOLVER.WARMUP_ITERS", warmup, "SOLVER.IMS_PER_BATCH", args.batch]
+        opts += ["SOLVER.CHECKPOINT_PERIOD", iters + 1, "DATALOADER.NUM_WORKERS", args.workers]
+        if args.dataset == "raccoon":
+            opts += ["DATASETS.REGISTER", register, "DATASETS.TRAIN", ("raccoon_train",)]
+            opts += ["DATASETS.TEST", ("raccoon_test",), "MODEL.SALTNET.NUM_CLASSES", 1]
+        return [str(o) for o in opts] + list(args.yaml_opts)
+    opts = {
+        "train.max_iter": iters,
+        "train.checkpointer.period": iters + 1,
+        "lr_multiplier.scheduler.milestones": steps,
+        "lr_multiplier.scheduler.values": [0.1**k for k in range(len(steps) + 1)],
+        "lr_multiplier.scheduler.num_updates": iters,
+        "lr_multiplier.warmup_length": warmup / iters,
+        "dataloader.train.total_batch_size": args.batch,
+        "dataloader.train.num_workers": args.workers,
+        "dataloader.test.num_workers": args.workers,
+    }
+    if args.dataset == "raccoon":
+        opts["dataloader.register"] = register
+        opts["dataloader.train.dataset_names"] = "raccoon_train"
+        opts["dataloader.test.dataset.names"] = "raccoon_test"
+        opts["model.num_classes"] = 1
+    return [f"{k}={v}" for k, v in opts.items()] + list(args.lazy_opts)
+
+
 def run_one(args, variant: str, seed: int) -> dict:
-    """Train and evaluate one (variant, seed); its AP numbers (or the error)."""
-    out = os.path.join(args.output_dir, f"{variant}_seed{seed}")
+    """Train and evaluate one (variant, seed), or reuse its finished result; its AP numbers (or
+    the error)."""
+    out = os.path.join(args.output_dir, args.dataset, f"{variant}_seed{seed}")
+    config_file, variant_opts = VARIANTS[variant]
+    opts = config_overrides(args, config_file) + variant_opts
+    if config_file.endswith(".yaml"):
+        opts += ["SEED", str(seed), "OUTPUT_DIR", out]
+    else:
+        opts += [f"train.seed={seed}", f"train.output_dir={out}"]
     command = [sys.executable, os.path.join(REPO_ROOT, "train_net.py")]
-    command += ["--config-file", args.config_file, *args.opts, *VARIANTS[variant]]
-    command += ["SEED", str(seed), "OUTPUT_DIR", out]
+    command += ["--config-file", os.path.relpath(config_file, REPO_ROOT), *opts]
+    result_file = os.path.join(out, "result.json")
+    if os.path.isfile(result_file):
+        with open(result_file) as f:
+            done = json.load(f)
+        if done.get("command") == command[1:]:
+            print(f"{variant} seed {seed}: AP {done['AP']:.1f} (finished earlier)", flush=True)
+            return done
+        print(f"{variant} seed {seed}: settings changed since the last run; running again")
+    shutil.rmtree(out, ignore_errors=True)  # an unfinished or outdated run starts afresh
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     match = _COPYPASTE.search(proc.stdout + proc.stderr)
     if proc.returncode or not match:
         return {"variant": variant, "seed": seed, "error": (proc.stderr or proc.stdout)[-2000:]}
     values = [float(v) for v in match.group(1).split(",")]
+    result = {"variant": variant, "seed": seed, **dict(zip(METRICS, values))}
+    result["command"] = command[1:]
+    with open(result_file + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(result_file + ".tmp", result_file)
     print(f"{variant} seed {seed}: AP {values[0]:.1f}", flush=True)
-    return {"variant": variant, "seed": seed, **dict(zip(METRICS, values))}
+    return result
 
 
 def summarize(results):
@@ -80,17 +172,46 @@ def summarize(results):
     return lines
 
 
+def paired_differences(results):
+    """Lines of a markdown table: per (SALT on, SALT off) pair present, AP on minus AP off for
+    each seed both finished, their mean, and on how many seeds SALT was ahead."""
+    ap = {(r["variant"], r["seed"]): r["AP"] for r in results if "error" not in r}
+    lines = []
+    for on, off in PAIRS:
+        seeds = sorted(s for v, s in ap if v == on and (off, s) in ap)
+        if not seeds:
+            continue
+        diffs = [ap[on, s] - ap[off, s] for s in seeds]
+        per_seed = ", ".join(f"{d:+.1f}" for d in diffs)
+        ahead = sum(d > 0 for d in diffs)
+        lines.append(
+            f"| {on} - {off} | {per_seed} | {statistics.mean(diffs):+.1f} | "
+            f"{ahead} of {len(diffs)} |"
+        )
+    header = ["| pair | AP difference per seed | mean | SALT ahead |", "|---|---|---|---|"]
+    return header + lines if lines else []
+
+
 def main(args) -> int:
-    os.makedirs(args.output_dir, exist_ok=True)
+    os.makedirs(os.path.join(args.output_dir, args.dataset), exist_ok=True)
     pairs = [(v, s) for v in args.variants for s in args.seeds]
+    results, lock = [], threading.Lock()
+    results_file = os.path.join(args.output_dir, args.dataset, "results.json")
+
+    def run_and_record(pair):
+        result = run_one(args, *pair)
+        with lock:
+            results.append(result)
+            results.sort(key=lambda r: pairs.index((r["variant"], r["seed"])))
+            with open(results_file, "w") as f:
+                json.dump(results, f, indent=1)
+
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(lambda pair: run_one(args, *pair), pairs))
-    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+        list(pool.map(run_and_record, pairs))
     for r in results:
         if "error" in r:
             print(f"{r['variant']} seed {r['seed']} failed:\n{r['error']}", file=sys.stderr)
-    print("\n".join(summarize(results)))
+    print("\n".join(summarize(results) + [""] + paired_differences(results)))
     return 1 if any("error" in r for r in results) else 0
 
 
