@@ -163,3 +163,25 @@ def test_missing_weights_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pth.*does not exist"):
         checkpointer.load(str(tmp_path / "nope.pth"))
     assert checkpointer.load("") == {}  # no weights: random initialisation, as detectron2
+
+
+def test_running_loss_normaliser_is_saved_and_resumed(tmp_path):
+    """detectron2's RetinaNet / FCOS keep an EMA of the positive count outside the state dict;
+    the checkpoint carries it, so that a resumed run continues it instead of restarting."""
+    from detectron2.config import instantiate
+    from test_plugin import small_lazy_model
+
+    lazy = small_lazy_model("retinanet")  # detectron2's own RetinaNet
+    model = instantiate(lazy)
+    model._ema_update("loss_normalizer", 40.0, 100)  # 100 x 0.9 + 40 x 0.1 = 94
+    AtomicCheckpointer(model, str(tmp_path)).save("model_0000009")
+    assert torch.load(tmp_path / "model_0000009.pth", weights_only=False)["loss_normalizers"] == {
+        "loss_normalizer": pytest.approx(94.0)
+    }
+    fresh = instantiate(lazy)
+    AtomicCheckpointer(fresh, str(tmp_path)).resume_or_load("", resume=True)
+    assert fresh.loss_normalizer == pytest.approx(94.0)
+    # Loading weights only (not resuming) leaves it alone.
+    other = instantiate(lazy)
+    AtomicCheckpointer(other).resume_or_load(str(tmp_path / "model_0000009.pth"), resume=False)
+    assert not hasattr(other, "loss_normalizer")

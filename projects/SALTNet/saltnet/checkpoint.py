@@ -24,7 +24,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 
 from .convert import RELEASE_CHECKPOINT_AUTHOR
 
-__all__ = ["AtomicCheckpointer", "CheckpointMismatchError"]
+__all__ = ["AtomicCheckpointer", "CheckpointMismatchError", "LossNormalizerState"]
 
 
 class CheckpointMismatchError(ValueError):
@@ -62,9 +62,37 @@ def _write_atomically(path: str, write, mode: str) -> None:
             os.remove(tmp)
 
 
+class LossNormalizerState:
+    """The running loss normalisers of a detectron2 dense detector, as a checkpointable.
+
+    detectron2's RetinaNet and FCOS divide their losses by an EMA of the positive count
+    (``DenseDetector._ema_update``), kept in a plain attribute (``loss_normalizer``) outside the
+    state dict: a resumed run would restart it and train differently. Saved with the
+    checkpoint, it resumes with the run (in multi-GPU training, the main process's value is
+    saved and every process resumes from it). SALT-Net has none (it normalises per batch).
+    """
+
+    NAMES = ("loss_normalizer",)
+
+    def __init__(self, model):
+        self.model = model
+
+    def state_dict(self):
+        return {name: getattr(self.model, name) for name in self.NAMES if hasattr(self.model, name)}
+
+    def load_state_dict(self, state):
+        for name, value in state.items():
+            setattr(self.model, name, value)
+
+
 class AtomicCheckpointer(DetectionCheckpointer):
     """Same interface and file layout as :class:`DetectionCheckpointer`; atomic writes; raises
-    :class:`CheckpointMismatchError` when no tensor of a loaded checkpoint fits the model."""
+    :class:`CheckpointMismatchError` when no tensor of a loaded checkpoint fits the model; saves
+    and resumes the model's running loss normalisers (:class:`LossNormalizerState`)."""
+
+    def __init__(self, model, save_dir: str = "", **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        self.checkpointables.setdefault("loss_normalizers", LossNormalizerState(self.model))
 
     def load(self, path: str, *args, **kwargs):
         if path and "://" not in path and "?" not in path and not os.path.isfile(path):
