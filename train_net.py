@@ -26,7 +26,8 @@ from detectron2.utils import comm
 
 from saltnet.checkpoint import AtomicCheckpointer
 from saltnet.config import load_yaml_config
-from saltnet.data import register_datasets, register_datasets_from_cfg
+from saltnet.data import register_datasets_from_cfg, register_datasets_from_lazy_cfg
+from saltnet.data.register import lazy_dataset_names
 from saltnet.data.sanitize import check_num_classes
 from saltnet.engine import (
     SALTNetAMPTrainer,
@@ -44,17 +45,6 @@ def setup(args):
     cfg = load_yaml_config(args.config_file, args.opts)
     default_setup(cfg, args)
     return cfg
-
-
-def register_lazy_datasets(cfg):
-    """Register ``cfg.dataloader.register`` and the synthetic splits the loaders name."""
-    names = []
-    for loader in (cfg.dataloader.get("train", {}), cfg.dataloader.get("test", {})):
-        ds_names = loader.get("dataset_names") or loader.get("dataset", {}).get("names", ())
-        names += [ds_names] if isinstance(ds_names, str) else list(ds_names)
-    register_datasets(
-        cfg.dataloader.get("register", ()), names, cfg.dataloader.get("synthetic_root", None)
-    )
 
 
 def do_test_lazy(cfg, model):
@@ -76,7 +66,7 @@ def do_train_lazy(args, cfg):
     optim = instantiate(cfg.optimizer)
     train_loader = instantiate(cfg.dataloader.train)
     if "num_classes" in cfg.model:  # after loading: COCO sets the classes then
-        check_num_classes(cfg.model.num_classes, cfg.dataloader.train.dataset_names)
+        check_num_classes(cfg.model.num_classes, lazy_dataset_names(cfg, "train"))
 
     model = create_ddp_model(model, device_ids=ddp_device_ids(model), **cfg.train.ddp)
     trainer_cls = SALTNetAMPTrainer if cfg.train.amp.enabled else SALTNetSimpleTrainer
@@ -122,7 +112,7 @@ def main_lazy(args):
     check_lazy_overrides(cfg, args.opts)  # detectron2 would add a misspelt key silently
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     default_setup(cfg, args)
-    register_lazy_datasets(cfg)
+    register_datasets_from_lazy_cfg(cfg)
     if args.eval_only:
         model = instantiate(cfg.model).to(cfg.train.device)
         model = create_ddp_model(model, device_ids=ddp_device_ids(model))

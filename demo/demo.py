@@ -5,6 +5,12 @@
         --input 'datasets/saltnet_synthetic/val/*.png' --output out/ --show-points \\
         --opts MODEL.WEIGHTS output/demo_job/model_final.pth
 
+A LazyConfig (``.py``) works too, with ``key=value`` options, e.g. detectron2's FCOS with SALT::
+
+    python demo/demo.py --config-file configs/quick_schedule/fcos_salt_R_18_synthetic.py \
+        --input 'datasets/saltnet_synthetic/val/*.png' --output out/ --show-points \
+        --opts train.init_checkpoint=output/fcos_salt_R_18_synthetic/model_final.pth
+
 ``--show-points`` also draws, for the top detections, the nine regression (red) and nine
 classification (blue) sampling points of the SALT operator at the location each came from.
 """
@@ -17,24 +23,45 @@ import time
 import cv2
 import torch
 import tqdm
+from detectron2.config import CfgNode, LazyConfig
 from detectron2.data import MetadataCatalog
 from detectron2.utils.logger import setup_logger
 
 from saltnet.config import load_yaml_config
-from saltnet.data import register_datasets_from_cfg
+from saltnet.data import register_datasets_from_cfg, register_datasets_from_lazy_cfg
 from saltnet.data.image_io import read_image
+from saltnet.data.register import lazy_dataset_names
+from saltnet.lazy_overrides import check_lazy_overrides
 from saltnet.visualize import SALTVisualizationDemo
 
 WINDOW_NAME = "SALT-Net detections"
 
 
 def setup_cfg(args):
-    """The checked config (as ``train_net.py``) from file and ``--opts``; the model's score
-    threshold is the confidence threshold. Runs on the CPU when CUDA is unavailable."""
-    opts = [*args.opts, "MODEL.SALTNET.SCORE_THRESH_TEST", str(args.confidence_threshold)]
-    if not torch.cuda.is_available():
-        opts += ["MODEL.DEVICE", "cpu"]
-    return load_yaml_config(args.config_file, opts)
+    """The config as ``train_net.py`` reads it, from file and ``--opts``: a checked YAML config
+    (``KEY VALUE`` options) or a LazyConfig (``key=value``), its datasets registered. Runs on the
+    CPU when CUDA is unavailable."""
+    if args.config_file.endswith(".py"):
+        cfg = LazyConfig.load(args.config_file)
+        check_lazy_overrides(cfg, args.opts)
+        cfg = LazyConfig.apply_overrides(cfg, args.opts)
+        if not torch.cuda.is_available():
+            cfg.train.device = "cpu"
+        register_datasets_from_lazy_cfg(cfg)
+        return cfg
+    opts = list(args.opts) + ([] if torch.cuda.is_available() else ["MODEL.DEVICE", "cpu"])
+    cfg = load_yaml_config(args.config_file, opts)
+    register_datasets_from_cfg(cfg)
+    return cfg
+
+
+def test_metadata(cfg):
+    """The metadata (class names) of the config's first test dataset."""
+    if isinstance(cfg, CfgNode):
+        names = list(cfg.DATASETS.TEST)
+    else:
+        names = lazy_dataset_names(cfg, "test")
+    return MetadataCatalog.get(names[0] if names else "__unused")
 
 
 def get_parser():
@@ -168,9 +195,10 @@ def main(args):
     elif not (args.webcam or args.video_input):
         raise ValueError("Give --input, --video-input or --webcam.")
     cfg = setup_cfg(args)
-    register_datasets_from_cfg(cfg)
-    metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused")
+    metadata = test_metadata(cfg)
     demo = SALTVisualizationDemo(cfg, metadata, args.show_points, args.num_point_instances)
+    # The confidence threshold is the model's score threshold (SALT-Net, RetinaNet and FCOS alike).
+    demo.predictor.model.test_score_thresh = args.confidence_threshold
     if args.input:
         run_on_images(demo, args, logger)
     else:

@@ -9,6 +9,8 @@ from detectron2.modeling import BACKBONE_REGISTRY, build_model
 from detectron2.solver import build_lr_scheduler
 
 from saltnet.config import load_yaml_config
+from saltnet.config_checks import num_classes_of
+from saltnet.modeling import SALTFCOS, SALTFCOSHead, SALTRetinaNet, SALTRetinaNetHead
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 YAMLS = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml"))
@@ -119,9 +121,10 @@ def test_every_yaml_builds_a_model_that_runs_on_cpu(name):
     assert instances.image_size == (32, 40)
     assert len(instances) <= cfg.TEST.DETECTIONS_PER_IMAGE
     if len(instances):
-        assert instances.pred_classes.max() < cfg.MODEL.SALTNET.NUM_CLASSES
+        assert instances.pred_classes.max() < num_classes_of(cfg)[1]
         assert torch.isfinite(instances.pred_boxes.tensor).all()
-    assert model.head.salt_on == cfg.MODEL.SALTNET.SALT_ON
+    salt_on = {"SALTNet": cfg.MODEL.SALTNET.SALT_ON, "SALTRetinaNet": cfg.MODEL.RETINANET.SALT_ON}
+    assert getattr(model.head, "salt_on", False) == salt_on.get(cfg.MODEL.META_ARCHITECTURE, False)
 
 
 @pytest.mark.parametrize("name", ["salt_R_50_FPN_1x", "gflv2_R_50_FPN_1x"])
@@ -154,3 +157,53 @@ def test_quick_lazy_config_matches_the_quick_yaml():
     assert lazy.train.max_iter == yaml_cfg.SOLVER.MAX_ITER
     assert lazy.dataloader.train.dataset_names == yaml_cfg.DATASETS.TRAIN[0]
     assert lazy.dataloader.test.dataset.names == yaml_cfg.DATASETS.TEST[0]
+
+
+@pytest.mark.parametrize(
+    "name, zoo, detector, head",
+    [
+        ("fcos_R_50_FPN_1x_salt", "fcos_R_50_FPN_1x", SALTFCOS, SALTFCOSHead),
+        ("retinanet_R_50_FPN_1x_salt", "retinanet_R_50_FPN_1x", SALTRetinaNet, SALTRetinaNetHead),
+    ],
+)
+def test_plugin_lazy_configs_are_the_model_zoo_with_salt(name, zoo, detector, head):
+    from detectron2 import model_zoo
+
+    ours = LazyConfig.load(str(CONFIGS / "plugin" / f"{name}.py"))
+    reference = model_zoo.get_config(f"COCO-Detection/{zoo}.py")
+    assert ours.model._target_ is detector and ours.model.head._target_ is head
+    assert ours.model.head.salt_on is True
+    # Everything but the SALT switches is the zoo's: schedule, optimiser, weights, model.
+    assert ours.train.max_iter == reference.train.max_iter
+    assert ours.train.init_checkpoint == reference.train.init_checkpoint
+    assert ours.optimizer.lr == reference.optimizer.lr
+    augmentations = reference.dataloader.train.mapper.augmentations
+    assert ours.dataloader.train.mapper.augmentations == augmentations
+    assert ours.dataloader.train.mapper.image_format == "BGR"  # the zoo's MSRA weights
+    for key in ("backbone", "num_classes", "head_in_features", "pixel_mean", "pixel_std"):
+        assert ours.model[key] == reference.model[key], key
+    salt_keys = {"salt_on", "salt_norm", "deform_backend", "_target_"}
+    assert {k: v for k, v in ours.model.head.items() if k not in salt_keys} == {
+        k: v for k, v in reference.model.head.items() if k != "_target_"
+    }
+
+
+def test_plugin_retinanet_yaml_is_the_model_zoo_with_salt():
+    ours = _cfg("plugin/retinanet_R_50_FPN_1x_salt.yaml")
+    zoo = _cfg("plugin/Base-RetinaNet.yaml", "MODEL.RESNETS.DEPTH", "50")
+    assert ours.MODEL.META_ARCHITECTURE == "SALTRetinaNet" and ours.MODEL.RETINANET.SALT_ON
+    assert zoo.MODEL.META_ARCHITECTURE == "RetinaNet"
+    assert ours.MODEL.RETINANET == zoo.MODEL.RETINANET
+    sizes = [[x * 2 ** (k / 3) for k in range(3)] for x in (32, 64, 128, 256, 512)]
+    for ours_level, level in zip(ours.MODEL.ANCHOR_GENERATOR.SIZES, sizes):
+        assert ours_level == pytest.approx(level)
+    assert ours.SOLVER.MAX_ITER == 90000 and ours.SOLVER.BASE_LR == 0.01
+
+
+def test_quick_retinanet_lazy_config_matches_its_yaml():
+    lazy = LazyConfig.load(str(CONFIGS / "quick_schedule/retinanet_salt_R_18_synthetic.py"))
+    yaml_model = build_model(_cfg("quick_schedule/retinanet_salt_R_18_synthetic.yaml"))
+    lazy_model = instantiate(lazy.model)
+    assert isinstance(lazy_model, SALTRetinaNet) and isinstance(yaml_model, SALTRetinaNet)
+    shapes = {k: v.shape for k, v in lazy_model.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in yaml_model.state_dict().items()}

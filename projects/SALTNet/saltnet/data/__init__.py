@@ -6,6 +6,7 @@ from .register import (
     register_dataset_spec,
     register_datasets,
     register_datasets_from_cfg,
+    register_datasets_from_lazy_cfg,
     register_voc_folder,
 )
 from .synthetic import (
@@ -23,6 +24,7 @@ __all__ = [
     "register_dataset_spec",
     "register_datasets",
     "register_datasets_from_cfg",
+    "register_datasets_from_lazy_cfg",
     "register_synthetic",
     "register_voc_folder",
     "synthetic_dataset_name",

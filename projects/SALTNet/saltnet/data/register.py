@@ -254,3 +254,21 @@ def register_datasets_from_cfg(cfg: CN) -> None:
         list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST),
         cfg.DATASETS.SYNTHETIC_ROOT,
     )
+
+
+def lazy_dataset_names(cfg, loader: str) -> List[str]:
+    """The dataset names of a LazyConfig's ``dataloader.<loader>`` ("train" / "test"), whether
+    it names them itself (``dataset_names``) or through its dataset (``dataset.names``)."""
+    node = cfg.dataloader.get(loader, {})
+    names = node.get("dataset_names") or node.get("dataset", {}).get("names", ())
+    return [names] if isinstance(names, str) else list(names)
+
+
+def register_datasets_from_lazy_cfg(cfg) -> None:
+    """The LazyConfig route of :func:`register_datasets_from_cfg`: register
+    ``dataloader.register`` and the synthetic splits the train / test loaders name."""
+    register_datasets(
+        cfg.dataloader.get("register", ()),
+        lazy_dataset_names(cfg, "train") + lazy_dataset_names(cfg, "test"),
+        cfg.dataloader.get("synthetic_root", None),
+    )
