@@ -4,7 +4,7 @@ import importlib.util
 import json
 
 import pytest
-from conftest import REPO_ROOT, TINY_OPTS
+from conftest import REPO_ROOT
 
 
 def _tool():
@@ -28,22 +28,53 @@ def test_summary_is_mean_and_sample_std_over_seeds():
     assert lines[3] == "| gflv2 | 1 | 25.0 | 45.0 | 15.0 |"
 
 
+def test_paired_differences_are_per_seed_salt_on_minus_off():
+    results = [
+        {"variant": "fcos", "seed": 0, "AP": 30.0},
+        {"variant": "fcos_salt", "seed": 0, "AP": 32.5},
+        {"variant": "fcos", "seed": 1, "AP": 31.0},
+        {"variant": "fcos_salt", "seed": 1, "AP": 30.0},
+        {"variant": "fcos_salt", "seed": 2, "AP": 40.0},  # no partner: left out
+        {"variant": "retinanet", "seed": 0, "error": "boom"},
+        {"variant": "retinanet_salt", "seed": 0, "AP": 20.0},
+    ]
+    lines = _tool().paired_differences(results)
+    assert lines[2:] == ["| fcos_salt - fcos | +2.5, -1.0 | +0.8 | 1 of 2 |"]
+
+
+def test_overrides_share_one_schedule_across_config_kinds():
+    tool = _tool()
+    args = tool.get_parser().parse_args(["--iters", "400", "--dataset", "raccoon"])
+    yaml_opts = tool.config_overrides(args, tool.SALTNET_YAML)
+    pairs = dict(zip(yaml_opts[::2], yaml_opts[1::2]))
+    assert pairs["SOLVER.MAX_ITER"] == "400" and pairs["SOLVER.STEPS"] == "(310, 370)"
+    assert pairs["SOLVER.WARMUP_ITERS"] == "50" and pairs["MODEL.SALTNET.NUM_CLASSES"] == "1"
+    lazy = dict(o.split("=", 1) for o in tool.config_overrides(args, tool.FCOS_PY))
+    assert lazy["train.max_iter"] == "400"
+    assert lazy["lr_multiplier.scheduler.milestones"] == "[310, 370]"
+    assert lazy["lr_multiplier.warmup_length"] == "0.125" and lazy["model.num_classes"] == "1"
+    assert lazy["dataloader.train.dataset_names"] == "raccoon_train"
+
+
 @pytest.mark.slow
-def test_smoke_run_trains_evaluates_and_writes_results(run_tool, tmp_path):
-    opts = TINY_OPTS + ["SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "(1,)", "SOLVER.WARMUP_ITERS", "1"]
-    proc = run_tool(
-        "tools/benchmark_accuracy.py",
-        "--variants",
-        "sdr_distill",
-        "gflv2",
-        "--seeds",
-        "3",
-        "--output-dir",
-        tmp_path,
-        *opts,
-    )
+def test_smoke_run_trains_evaluates_writes_results_and_resumes(run_tool, tmp_path):
+    args = ["--variants", "sdr_distill", "fcos_salt", "--seeds", "3", "--output-dir", tmp_path]
+    args += ["--iters", "2", "--batch", "2", "--workers", "0"]
+    args += ["--yaml-opts", "MODEL.SALTNET.SCORE_THRESH_TEST", "0.0"]
+    args += ["--lazy-opts", "model.test_score_thresh=0.0"]
+    proc = run_tool("tools/benchmark_accuracy.py", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert [(r["variant"], r["seed"]) for r in results] == [("sdr_distill", 3), ("gflv2", 3)]
+    results = json.loads((tmp_path / "synthetic" / "results.json").read_text())
+    assert [(r["variant"], r["seed"]) for r in results] == [("sdr_distill", 3), ("fcos_salt", 3)]
     assert all(0 <= r["AP"] <= 100 for r in results)
-    assert "| sdr_distill | 1 |" in proc.stdout and "| gflv2 | 1 |" in proc.stdout
+    assert "| sdr_distill | 1 |" in proc.stdout and "| fcos_salt | 1 |" in proc.stdout
+
+    # A second call reuses the finished runs; other settings run them again.
+    (tmp_path / "synthetic" / "fcos_salt_seed3" / "log.txt").unlink()
+    proc = run_tool("tools/benchmark_accuracy.py", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("(finished earlier)") == 2
+    assert not (tmp_path / "synthetic" / "fcos_salt_seed3" / "log.txt").exists()
+    proc = run_tool("tools/benchmark_accuracy.py", *args[:-2], "--variants", "fcos_salt")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "settings changed" in proc.stdout
