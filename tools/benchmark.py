@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""Speed of SALT-Net against detectron2's own FCOS and RetinaNet, measured in one process.
+"""Speed of SALT-Net, detectron2's own FCOS and RetinaNet, and both with SALT, in one process.
 
     python tools/benchmark.py                      # GPU: 800 x 1333, batch 1 and 8, fp32 and AMP
     python tools/benchmark.py --smoke              # CPU smoke run: tiny images, few iterations
 
 For each model: inference images/s at each batch size (postprocessing included), training
 iterations/s (SGD step included), each in fp32 and under autocast (AMP), peak GPU memory, and
-the ratios SALT-Net / FCOS and SALT-Net / RetinaNet from the same run. Weights are random:
+the ratios SALT-Net / FCOS, SALT-Net / RetinaNet and the cost of the SALT plug-in (FCOS + SALT /
+FCOS, RetinaNet + SALT / RetinaNet) from the same run. Weights are random:
 speed does not depend on them. A measurement that fails (e.g. a model that breaks under AMP) is
 reported as the error instead of a number.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 from detectron2 import model_zoo
-from detectron2.config import instantiate
+from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
@@ -53,10 +54,28 @@ def build_fcos(num_classes):
     return instantiate(cfg.model).to(_device())
 
 
+def _build_plugin(name):
+    def build(num_classes):
+        cfg = LazyConfig.load(str(REPO / "configs" / "plugin" / f"{name}_R_50_FPN_1x_salt.py"))
+        cfg.model.num_classes = num_classes
+        return instantiate(cfg.model).to(_device())
+
+    return build
+
+
 MODELS = {
     "SALT-Net R50-FPN": build_saltnet,
     "FCOS R50-FPN": build_fcos,
     "RetinaNet R50-FPN": build_retinanet,
+    "FCOS+SALT R50-FPN": _build_plugin("fcos"),
+    "RetinaNet+SALT R50-FPN": _build_plugin("retinanet"),
+}
+# Column name -> (numerator, denominator): ratios of the same metric, from the same run.
+RATIOS = {
+    "SALT/FCOS": ("SALT-Net R50-FPN", "FCOS R50-FPN"),
+    "SALT/RetinaNet": ("SALT-Net R50-FPN", "RetinaNet R50-FPN"),
+    "FCOS+SALT/FCOS": ("FCOS+SALT R50-FPN", "FCOS R50-FPN"),
+    "RetinaNet+SALT/RetinaNet": ("RetinaNet+SALT R50-FPN", "RetinaNet R50-FPN"),
 }
 
 
@@ -144,19 +163,21 @@ def _try(fn):
 
 
 def format_table(all_results):
+    """A markdown table: one row per metric, one column per model, then the ratios (``RATIOS``)
+    whose two models were measured."""
     names = list(all_results)
     keys = [k for k in all_results[names[0]]]
-    lines = ["| metric | " + " | ".join(names) + " | SALT/FCOS | SALT/RetinaNet |"]
-    lines.append("|" + " --- |" * (len(names) + 3))
+    ratios = {col: pair for col, pair in RATIOS.items() if set(pair) <= set(names)}
+    lines = ["| metric | " + " | ".join(names + list(ratios)) + " |"]
+    lines.append("|" + " --- |" * (len(names) + len(ratios) + 1))
     for key in keys:
         values = [all_results[n].get(key) for n in names]
         cells = [f"{v:.2f}" if isinstance(v, float) else str(v) for v in values]
-        ratios = []
-        for ref in ("FCOS R50-FPN", "RetinaNet R50-FPN"):
-            salt, other = all_results["SALT-Net R50-FPN"].get(key), all_results[ref].get(key)
-            ok = isinstance(salt, float) and isinstance(other, float) and other > 0
-            ratios.append(f"{salt / other:.2f}" if ok else "-")
-        lines.append(f"| {key} | " + " | ".join(cells + ratios) + " |")
+        for numerator, denominator in ratios.values():
+            top, bottom = all_results[numerator].get(key), all_results[denominator].get(key)
+            ok = isinstance(top, float) and isinstance(bottom, float) and bottom > 0
+            cells.append(f"{top / bottom:.2f}" if ok else "-")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -171,6 +192,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--amp-dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--output", help="also write the results as JSON here")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -181,9 +203,9 @@ def main(argv=None):
     print(f"device: {name}, torch {torch.__version__}, input {args.height} x {args.width}")
     amp_dtype = getattr(torch, args.amp_dtype)
     all_results = {}
-    for model_name, build in MODELS.items():
+    for model_name in args.models:
         torch.manual_seed(0)
-        model = build(num_classes=80)
+        model = MODELS[model_name](num_classes=80)
         all_results[model_name] = measure(model, args, amp_dtype)
         print(f"{model_name}: {json.dumps(all_results[model_name])}", flush=True)
         del model
