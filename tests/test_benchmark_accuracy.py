@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import shutil
 
 import pytest
 from conftest import REPO_ROOT
@@ -69,12 +70,16 @@ def test_smoke_run_trains_evaluates_writes_results_and_resumes(run_tool, tmp_pat
     assert all(0 <= r["AP"] <= 100 for r in results)
     assert "| sdr_distill | 1 |" in proc.stdout and "| fcos_salt | 1 |" in proc.stdout
 
-    # A second call reuses the finished runs; other settings run them again.
+    # A second call reuses the finished runs, also from another output folder (moved there);
+    # other settings run them again.
     (tmp_path / "synthetic" / "fcos_salt_seed3" / "log.txt").unlink()
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path / "synthetic", moved / "synthetic")
+    args[args.index("--output-dir") + 1] = moved
     proc = run_tool("tools/benchmark_accuracy.py", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("(finished earlier)") == 2
-    assert not (tmp_path / "synthetic" / "fcos_salt_seed3" / "log.txt").exists()
+    assert not (moved / "synthetic" / "fcos_salt_seed3" / "log.txt").exists()
     proc = run_tool("tools/benchmark_accuracy.py", *args[:-2], "--variants", "fcos_salt")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "settings changed" in proc.stdout

@@ -122,6 +122,17 @@ def config_overrides(args, config_file: str):
     return [f"{k}={v}" for k, v in opts.items()] + list(args.lazy_opts)
 
 
+def _settings(command):
+    """What makes two runs the same: the command line, without where the repository and the
+    output directory are (a comparison continued from another clone or folder still counts)."""
+    settings = []
+    for previous, c in zip([None, *command], command):
+        if c == "OUTPUT_DIR" or previous == "OUTPUT_DIR" or c.startswith("train.output_dir="):
+            continue
+        settings.append("train_net.py" if c.endswith("train_net.py") else c)
+    return settings
+
+
 def run_one(args, variant: str, seed: int) -> dict:
     """Train and evaluate one (variant, seed), or reuse its finished result; its AP numbers (or
     the error)."""
@@ -138,7 +149,7 @@ def run_one(args, variant: str, seed: int) -> dict:
     if os.path.isfile(result_file):
         with open(result_file) as f:
             done = json.load(f)
-        if done.get("command") == command[1:]:
+        if _settings(done.get("command", [])) == _settings(command[1:]):
             print(f"{variant} seed {seed}: AP {done['AP']:.1f} (finished earlier)", flush=True)
             return done
         print(f"{variant} seed {seed}: settings changed since the last run; running again")
