@@ -44,6 +44,14 @@ def head_input_shapes(backbone, in_features: List[str]) -> List[ShapeSpec]:
     return [shapes[f] for f in in_features]
 
 
+def anchor_points(anchors: List[Boxes], strides: List[int]) -> Tuple[Tensor, Tensor]:
+    """The anchors' centres (R, 2) xy in pixels and the stride (R,) of each (float32, pixels),
+    all levels concatenated; ``strides`` per level."""
+    points = cat([a.get_centers() for a in anchors], dim=0)
+    per_anchor = [points.new_full((len(a),), float(s)) for a, s in zip(anchors, strides)]
+    return points, cat(per_anchor)
+
+
 def reduce_mean(tensor: Tensor) -> Tensor:
     """Average a tensor over all workers (no-op in a single process); no host sync.
 
@@ -174,14 +182,6 @@ class SALTNet(PointSetOutputs, DenseDetector):
         flat = [cat(g, dim=1) for g in self._transpose_dense_predictions(groups, dims)]
         return flat[0], flat[1], (flat[2] if len(flat) == 3 else None)
 
-    def _anchor_points(self, anchors: List[Boxes]) -> Tuple[Tensor, Tensor]:
-        """Anchor points (R, 2) xy in pixels and the stride (R,) of each, all levels."""
-        points = cat([a.get_centers() for a in anchors], dim=0)
-        strides = cat(
-            [torch.full((len(a),), s, device=points.device) for a, s in zip(anchors, self.strides)]
-        )
-        return points, strides
-
     @torch.no_grad()
     def label_anchors(self, anchors: List[Boxes], gt_instances: List[Instances], valid: Tensor):
         """ATSS labels: (N, R) class per anchor (num_classes = background), (N, R, 4) gt boxes.
@@ -218,7 +218,7 @@ class SALTNet(PointSetOutputs, DenseDetector):
             device=scores.device,
         )
         gt_classes, gt_boxes = self.label_anchors(anchors, gt_instances, valid)
-        points, strides = self._anchor_points(anchors)
+        points, strides = anchor_points(anchors, self.strides)
         return self.losses(
             points, strides, scores, box_logits, coarse, gt_classes, gt_boxes, valid
         )

@@ -32,6 +32,7 @@ from detectron2.structures import Boxes, Instances
 
 from .box_coding import distances_to_boxes
 from .losses import giou_loss
+from .meta_arch import anchor_points
 from .point_sets import PointSetOutputs
 from .salt import SALTOperator, SALTOutput, normal_init_
 
@@ -137,13 +138,7 @@ class _SALTPlugin(PointSetOutputs):
         num_anchors = self.anchor_generator.num_cell_anchors[0]
         coarse = cat([permute_to_N_HWA_K(c, 4) for c in coarse], dim=1).float()
         coarse = coarse.repeat_interleave(num_anchors, dim=1)  # (N, R, 4): A per location
-        centers = Boxes.cat(anchors).get_centers()
-        strides = cat(
-            [
-                centers.new_full((len(a),), float(s))
-                for a, s in zip(anchors, self.anchor_generator.strides)
-            ]
-        )
+        centers, strides = anchor_points(anchors, self.anchor_generator.strides)
         boxes = distances_to_boxes(centers, coarse * strides[:, None])
         gt_labels = torch.stack(gt_labels)
         positive = (gt_labels >= 0) & (gt_labels != self.num_classes)
