@@ -142,6 +142,18 @@ def test_bad_saltnet_choices():
     assert "SOLVER.IMS_PER_BATCH is 0" in message
 
 
+def test_retinanet_class_count_is_checked_under_its_own_key():
+    cfg = saltnet_cfg()
+    cfg.MODEL.META_ARCHITECTURE = "SALTRetinaNet"
+    cfg.MODEL.RETINANET.NUM_CLASSES = 0
+    cfg.MODEL.SALTNET.NUM_CLASSES = 0  # not this model's key: not reported
+    with pytest.raises(ConfigError) as info:
+        check_config(cfg)
+    assert str(info.value) == (
+        "Invalid config: MODEL.RETINANET.NUM_CLASSES is 0; it must be an integer >= 1."
+    )
+
+
 @pytest.mark.parametrize(
     "key, value, message",
     [

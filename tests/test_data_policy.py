@@ -145,6 +145,9 @@ def test_dataset_with_more_classes_than_model():
     message = str(info.value)
     assert f"Dataset {name!r} has 3 classes ['a', 'b', 'c'] but the model has 2" in message
     assert "(MODEL.SALTNET.NUM_CLASSES, model.num_classes); set it to 3" in message
+    # Another detector's key (RetinaNet with SALT, trained from YAML) is the one named.
+    with pytest.raises(ValueError, match=r"has 2 \(MODEL.RETINANET.NUM_CLASSES\); set it to 3"):
+        check_num_classes(2, name, "MODEL.RETINANET.NUM_CLASSES")
 
 
 def test_dataset_with_fewer_classes_warns(caplog):
