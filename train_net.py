@@ -9,6 +9,11 @@ A ``.yaml`` config runs through detectron2's :class:`DefaultTrainer` (see
     python train_net.py --config-file configs/salt_R_50_FPN_1x.yaml --eval-only \\
         MODEL.WEIGHTS output/model_final.pth
     python train_net.py --config-file configs/salt_R_50_FPN_1x.py --resume train.max_iter=1000
+    torchrun --nproc_per_node 8 train_net.py --config-file configs/salt_R_50_FPN_1x.yaml
+
+Under torchrun (any env:// launcher) or srun the workers join the environment's process group
+instead of being spawned (``saltnet.launch``); SIGTERM/SIGUSR1/SIGUSR2 stop training after the
+current iteration with a checkpoint of it (``saltnet.preemption``). See docs/CLUSTERS.md.
 
 Datasets besides detectron2's builtin ones are registered from the config: ``DATASETS.REGISTER``
 (YAML) or ``dataloader.register`` (LazyConfig), a list of ``NAME=coco:JSON:IMAGE_DIR`` /
@@ -19,7 +24,7 @@ import logging
 import os
 
 from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks, launch
+from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format, verify_results
 from detectron2.utils import comm
@@ -35,7 +40,9 @@ from saltnet.engine import (
     SALTNetTrainer,
     ddp_device_ids,
 )
+from saltnet.launch import launch_from_args
 from saltnet.lazy_overrides import check_lazy_overrides
+from saltnet.preemption import PreemptionHook
 
 logger = logging.getLogger("detectron2")
 
@@ -97,6 +104,7 @@ def do_train_lazy(args, cfg):
                 if comm.is_main_process()
                 else None
             ),
+            PreemptionHook(checkpointer),  # last: its checkpoint follows the other hooks' step
         ]
     )
 
@@ -140,6 +148,7 @@ def main(args):
         return res
 
     trainer = SALTNetTrainer(cfg)
+    trainer.register_hooks([PreemptionHook(trainer.checkpointer)])  # after the default hooks
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 
@@ -150,14 +159,7 @@ def invoke_main() -> None:
     if not os.path.isfile(args.config_file):
         parser.error(f"config file {args.config_file!r} does not exist (see --config-file).")
     print("Command Line Args:", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    launch_from_args(main, args)
 
 
 if __name__ == "__main__":
