@@ -11,10 +11,13 @@ picks one of the two ways for ``train_net.py``'s arguments.
 
 import errno
 import logging
+import multiprocessing
 import os
 import re
 import shutil
+import signal
 import subprocess
+import threading
 from dataclasses import dataclass
 from typing import List, Mapping, Optional
 
@@ -25,7 +28,7 @@ from detectron2.engine.launch import DEFAULT_TIMEOUT
 from detectron2.utils import comm
 from torch.multiprocessing import ProcessExitedException
 
-from .preemption import PREEMPTED_EXIT_CODE
+from .preemption import PREEMPTED_EXIT_CODE, PREEMPTION_SIGNALS
 
 __all__ = [
     "DistEnv",
@@ -111,6 +114,8 @@ def _from_env_vars(environ: Mapping[str, str]) -> DistEnv:
             f"{', '.join(ENV_VARS)} (torchrun does)."
         )
     addr, port = environ["MASTER_ADDR"], _int_var(environ, "MASTER_PORT", 1)
+    # torchrun's agent hosts the store, which env:// joins (a tcp:// URL would clash with it).
+    agent_store = environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     env = DistEnv(
         rank=_int_var(environ, "RANK"),
         world_size=_int_var(environ, "WORLD_SIZE", 1),
@@ -118,7 +123,7 @@ def _from_env_vars(environ: Mapping[str, str]) -> DistEnv:
         local_world_size=_int_var(environ, "LOCAL_WORLD_SIZE", 1),
         master_addr=addr,
         master_port=port,
-        init_method="env://",  # torchrun's agent hosts the store: a tcp:// URL would clash with it
+        init_method="env://" if agent_store else f"tcp://{addr}:{port}",
         source="env",
         port_var="MASTER_PORT",
     )
@@ -293,6 +298,35 @@ def init_distributed(env: DistEnv, timeout=DEFAULT_TIMEOUT) -> None:
     comm.synchronize()
 
 
+def _forward_to_workers(signum, frame):
+    for worker in multiprocessing.active_children():
+        os.kill(worker.pid, signum)
+
+
+def _spawn(main_func, args) -> None:
+    """detectron2's ``launch``; the parent passes preemption signals on to the workers it
+    spawned, and exits with their :data:`PREEMPTED_EXIT_CODE`."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    spawns = args.num_gpus * args.num_machines > 1 and in_main_thread  # handlers need both
+    previous = {s: signal.signal(s, _forward_to_workers) for s in PREEMPTION_SIGNALS if spawns}
+    try:
+        launch(
+            main_func,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except ProcessExitedException as e:
+        if e.exit_code == PREEMPTED_EXIT_CODE:
+            raise SystemExit(PREEMPTED_EXIT_CODE) from e
+        raise
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def launch_from_args(main_func, args, environ: Optional[Mapping[str, str]] = None) -> None:
     """Run ``main_func(args)`` for ``train_net.py``'s arguments: in the process group of the
     environment (:func:`distributed_env`) if there is one, else through detectron2's ``launch``
@@ -305,19 +339,7 @@ def launch_from_args(main_func, args, environ: Optional[Mapping[str, str]] = Non
     environ = os.environ if environ is None else environ
     env = distributed_env(environ)
     if env is None:
-        try:
-            launch(
-                main_func,
-                args.num_gpus,
-                num_machines=args.num_machines,
-                machine_rank=args.machine_rank,
-                dist_url=args.dist_url,
-                args=(args,),
-            )
-        except ProcessExitedException as e:  # a spawned worker's exit code is the job's
-            if e.exit_code == PREEMPTED_EXIT_CODE:
-                raise SystemExit(PREEMPTED_EXIT_CODE) from e
-            raise
+        _spawn(main_func, args)
         return
     if args.num_gpus not in (1, env.local_world_size):  # 1: the default, i.e. not given
         raise ValueError(

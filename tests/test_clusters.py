@@ -1,0 +1,420 @@
+"""Training as clusters start it: torchrun (env://), SLURM's srun, submitit; preemption signals
+stop a run with a checkpoint of the current iteration that --resume continues exactly."""
+
+import datetime
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import QUICK_YAML, REPO_ROOT, TINY_OPTS
+from detectron2.engine import HookBase, SimpleTrainer, default_argument_parser
+from detectron2.utils import comm
+
+from saltnet.checkpoint import AtomicCheckpointer
+from saltnet.launch import (
+    distributed_env,
+    init_distributed,
+    launch_from_args,
+    parse_slurm_nodelist,
+)
+from saltnet.preemption import PREEMPTED_EXIT_CODE, PreemptionHook
+
+TORCHRUN_ENV = {
+    "RANK": "1",
+    "WORLD_SIZE": "4",
+    "LOCAL_RANK": "1",
+    "LOCAL_WORLD_SIZE": "2",
+    "MASTER_ADDR": "10.0.0.1",
+    "MASTER_PORT": "29500",
+}
+SLURM_ENV = {
+    "SLURM_STEP_ID": "0",
+    "SLURM_JOB_ID": "4242",
+    "SLURM_PROCID": "3",
+    "SLURM_NTASKS": "4",
+    "SLURM_LOCALID": "1",
+    "SLURM_TASKS_PER_NODE": "2(x2)",
+    "SLURM_JOB_NODELIST": "gpu[07-08]",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- Reading the environment ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "nodelist, hosts",
+    [
+        ("node[001-003,007],gpu5", ["node001", "node002", "node003", "node007", "gpu5"]),
+        ("gpu5", ["gpu5"]),
+        ("a[8-10]-ib,b1", ["a8-ib", "a9-ib", "a10-ib", "b1"]),
+        ("n[09-11]", ["n09", "n10", "n11"]),
+    ],
+)
+def test_slurm_nodelist_is_expanded(nodelist, hosts):
+    assert parse_slurm_nodelist(nodelist) == hosts
+
+
+@pytest.mark.parametrize("nodelist", ["", "node[1-", "node[a-b]", "n[3-1]", "x,,y", "n[1]]"])
+def test_unparseable_slurm_nodelist_is_an_error_naming_the_variable(nodelist):
+    with pytest.raises(ValueError, match="SLURM_JOB_NODELIST"):
+        parse_slurm_nodelist(nodelist)
+    env = dict(SLURM_ENV, SLURM_JOB_NODELIST=nodelist)
+    with pytest.raises(ValueError, match="SLURM_JOB_NODELIST"):
+        distributed_env(env)
+
+
+def test_torchrun_environment_is_read():
+    env = distributed_env(TORCHRUN_ENV)
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (1, 4, 1, 2)
+    assert env.num_machines == 2 and env.init_method == "tcp://10.0.0.1:29500"
+    # Under torchrun's agent the workers join its store, which only env:// does.
+    agent = distributed_env(dict(TORCHRUN_ENV, TORCHELASTIC_USE_AGENT_STORE="True"))
+    assert agent.init_method == "env://"
+
+
+def test_slurm_environment_is_read_with_the_first_host_as_master():
+    env = distributed_env(SLURM_ENV)
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (3, 4, 1, 2)
+    assert env.init_method == f"tcp://gpu07:{20000 + 4242}"
+    assert distributed_env(dict(SLURM_ENV, MASTER_PORT="1234")).master_port == 1234
+    # The batch script itself (no job step) and a one-task step spawn with --num-gpus.
+    batch_script = {k: v for k, v in SLURM_ENV.items() if k != "SLURM_STEP_ID"}
+    assert distributed_env(batch_script) is None
+    assert distributed_env(dict(SLURM_ENV, SLURM_NTASKS="1")) is None
+    assert distributed_env({}) is None
+
+
+@pytest.mark.parametrize(
+    "environ, names",
+    [
+        ({"WORLD_SIZE": "2"}, "RANK"),  # WORLD_SIZE without RANK
+        ({**TORCHRUN_ENV, "RANK": "4"}, "RANK=4 must be smaller than WORLD_SIZE=4"),
+        ({**TORCHRUN_ENV, "LOCAL_WORLD_SIZE": "3"}, "WORLD_SIZE=4 is not a multiple"),
+        ({**TORCHRUN_ENV, "MASTER_PORT": "port"}, "MASTER_PORT='port'"),
+        ({**SLURM_ENV, "SLURM_TASKS_PER_NODE": "2,1"}, "SLURM_TASKS_PER_NODE"),
+        ({k: v for k, v in SLURM_ENV.items() if k != "SLURM_LOCALID"}, "SLURM_LOCALID"),
+    ],
+)
+def test_bad_environment_is_an_error_naming_the_variable(environ, names):
+    with pytest.raises(ValueError, match=re.escape(names)):
+        distributed_env(environ)
+
+
+def test_num_gpus_contradicting_the_environment_is_an_error():
+    args = default_argument_parser().parse_args(["--num-gpus", "8"])
+    with pytest.raises(ValueError, match="--num-gpus 8 contradicts"):
+        launch_from_args(print, args, environ=TORCHRUN_ENV)
+    args = default_argument_parser().parse_args(["--num-machines", "3"])
+    with pytest.raises(ValueError, match="--num-machines 3 contradicts"):
+        launch_from_args(print, args, environ=TORCHRUN_ENV)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="gloo on the CPU")
+def test_master_port_in_use_is_an_error_naming_the_variable():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        environ = dict(TORCHRUN_ENV, RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        env = distributed_env(dict(environ, MASTER_PORT=str(port)))
+        with pytest.raises(RuntimeError, match=f"Port {port} \\(MASTER_PORT\\).*in use"):
+            init_distributed(env, timeout=datetime.timedelta(seconds=20))
+
+
+# --- Preemption across ranks ----------------------------------------------------------------
+
+
+class _SignalAt(HookBase):
+    """On rank 1, send ``signum`` to this process (or its parent) during iteration ``at``."""
+
+    def __init__(self, at, signum, to_parent):
+        self.at, self.signum, self.to_parent = at, signum, to_parent
+
+    def before_step(self):
+        if comm.get_rank() == 1 and self.trainer.iter == self.at:
+            os.kill(os.getppid() if self.to_parent else os.getpid(), self.signum)
+
+
+class _RecordIteration(HookBase):
+    """Write each finished iteration to ``stopped_<rank>`` (register before PreemptionHook)."""
+
+    def __init__(self, out_dir):
+        self.out_dir = out_dir
+
+    def after_step(self):
+        with open(f"{self.out_dir}/stopped_{comm.get_rank()}", "w") as f:
+            f.write(str(self.trainer.iter))
+
+
+class _Linear(torch.nn.Linear):
+    def forward(self, x):  # SimpleTrainer's models return their losses
+        return {"loss": super().forward(x).square().mean()}
+
+
+def _linear_training(args):
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(_Linear(2, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = iter(lambda: torch.ones(4, 2), None)
+    trainer = SimpleTrainer(model, data, optimizer)
+    checkpointer = AtomicCheckpointer(model, args.out_dir, trainer=trainer)
+    signal_at = _SignalAt(2, signal.SIGUSR1, args.to_parent)
+    trainer.register_hooks(
+        [_RecordIteration(args.out_dir), signal_at, PreemptionHook(checkpointer)]
+    )
+    trainer.train(0, 100)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="gloo on the CPU")
+@pytest.mark.parametrize("to_parent", [False, True], ids=["rank1-only", "via-parent"])
+def test_ranks_agree_to_stop_after_the_iteration_of_the_signal(tmp_path, to_parent):
+    # Rank 1 alone gets SIGUSR1 during iteration 2, or the launching process gets it and passes
+    # it on to both workers: both stop after the same iteration, the one of the signal or later.
+    args = default_argument_parser().parse_args(["--num-gpus", "2"])
+    args.dist_url = f"tcp://127.0.0.1:{_free_port()}"
+    args.out_dir, args.to_parent = str(tmp_path), to_parent
+    with pytest.raises(SystemExit) as exited:
+        launch_from_args(_linear_training, args, environ={})
+    assert exited.value.code == PREEMPTED_EXIT_CODE
+    stopped = {(tmp_path / f"stopped_{r}").read_text() for r in (0, 1)}
+    assert len(stopped) == 1
+    iteration = int(stopped.pop())
+    assert iteration == 2 if not to_parent else iteration >= 2
+    assert (tmp_path / "last_checkpoint").read_text() == f"model_{iteration:07d}.pth"
+    checkpoint = torch.load(tmp_path / f"model_{iteration:07d}.pth", weights_only=False)
+    assert checkpoint["iteration"] == iteration
+
+
+# --- Whole runs through train_net.py --------------------------------------------------------
+
+# Two workers, 4 iterations, a fixed seed; evaluation at the end.
+DIST_OPTS = TINY_OPTS + ["SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "100", "SEED", "3"]
+
+
+def _tool_env(synthetic_root, **extra):
+    return dict(os.environ, OMP_NUM_THREADS="1", SALTNET_SYNTHETIC_ROOT=synthetic_root, **extra)
+
+
+def _final_weights(out_dir):
+    return torch.load(out_dir / "model_final.pth", weights_only=False)["model"]
+
+
+def _differing(a, b):
+    return [k for k in a if not torch.equal(a[k], b[k])]
+
+
+@pytest.fixture(scope="module")
+def spawned_run(run_tool, tmp_path_factory):
+    """Final weights of the 2-process run of detectron2's launch (``--num-gpus 2``)."""
+    out = tmp_path_factory.mktemp("spawned")
+    proc = run_tool(
+        "train_net.py",
+        *("--config-file", QUICK_YAML, "--num-gpus", "2"),
+        *("--dist-url", f"tcp://127.0.0.1:{_free_port()}"),
+        *DIST_OPTS,
+        *("OUTPUT_DIR", out),
+        timeout=600,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return _final_weights(out)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="gloo on the CPU")
+def test_torchrun_trains_one_model_as_the_spawned_launch_does(
+    synthetic_root, spawned_run, tmp_path
+):
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        + ["train_net.py", "--config-file", QUICK_YAML, *DIST_OPTS, "OUTPUT_DIR", str(tmp_path)],
+        cwd=REPO_ROOT,
+        env=_tool_env(synthetic_root),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "World size: 2" in log and "World size: 1" not in log
+    assert "Evaluation results for bbox" in log
+    assert _differing(_final_weights(tmp_path), spawned_run) == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="gloo on the CPU")
+def test_simulated_slurm_allocation_trains_as_the_spawned_launch_does(
+    synthetic_root, spawned_run, tmp_path
+):
+    # Two srun tasks on one node: no RANK/WORLD_SIZE, only SLURM's variables.
+    slurm = dict(SLURM_STEP_ID="0", SLURM_JOB_ID="7", SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2")
+    slurm.update(SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(_free_port()))
+    tasks = [
+        subprocess.Popen(
+            [sys.executable, "train_net.py", "--config-file", QUICK_YAML, *DIST_OPTS]
+            + ["OUTPUT_DIR", str(tmp_path)],
+            cwd=REPO_ROOT,
+            env=_tool_env(synthetic_root, **slurm, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    logs = [task.communicate(timeout=600)[0] for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "World size: 2" in logs[0]
+    assert _differing(_final_weights(tmp_path), spawned_run) == []
+
+
+def _signal_when(proc, pattern, signum, timeout=300):
+    """Read ``proc``'s output until a line matches ``pattern``, then send it ``signum``.
+    Returns the output read."""
+    lines = []
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:
+        lines.append(line)
+        if re.search(pattern, line):
+            proc.send_signal(signum)
+            break
+        assert time.monotonic() < deadline, "".join(lines)[-3000:]
+    return "".join(lines) + proc.communicate(timeout=timeout)[0]
+
+
+def _start(synthetic_root, *args):
+    return subprocess.Popen(
+        [sys.executable, "train_net.py", *map(str, args)],
+        cwd=REPO_ROOT,
+        env=_tool_env(synthetic_root),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _stopped_iteration(log, signame):
+    match = re.search(rf"{signame} received: stopping after iteration (\d+)", log)
+    assert match, log[-3000:]
+    return int(match.group(1))
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_the_current_iteration_and_resume_is_exact(
+    run_tool, synthetic_root, tmp_path
+):
+    # 10 iterations, a periodic checkpoint every 2: the signal goes out when the first one is
+    # saved (after iteration 1), i.e. during a later iteration.
+    opts = TINY_OPTS + ["SOLVER.MAX_ITER", "10", "SOLVER.CHECKPOINT_PERIOD", "2"]
+    opts += ["DATASETS.TEST", "()", "SEED", "5"]
+    config = ["--config-file", QUICK_YAML]
+    stopped = tmp_path / "stopped"
+    proc = _start(synthetic_root, *config, *opts, "OUTPUT_DIR", stopped)
+    log = _signal_when(proc, r"Saving checkpoint to .*model_0000001\.pth", signal.SIGTERM)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, log[-3000:]
+    iteration = _stopped_iteration(log, "SIGTERM")
+    assert 1 <= iteration < 9
+    name = f"model_{iteration:07d}.pth"
+    assert (stopped / "last_checkpoint").read_text() == name
+    assert torch.load(stopped / name, weights_only=False)["iteration"] == iteration
+    assert not (stopped / "model_final.pth").exists()
+
+    proc = run_tool("train_net.py", *config, "--resume", *opts, "OUTPUT_DIR", stopped)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"Starting training from iteration {iteration + 1}" in proc.stdout + proc.stderr
+    straight = tmp_path / "straight"
+    proc = run_tool("train_net.py", *config, *opts, "OUTPUT_DIR", straight)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _differing(_final_weights(stopped), _final_weights(straight)) == []
+
+
+@pytest.mark.slow
+def test_lazy_config_training_stops_on_sigusr1_with_a_checkpoint(synthetic_root, tmp_path):
+    args = ["--config-file", "configs/quick_schedule/salt_R_18_synthetic.py"]
+    args += ["train.max_iter=10", "train.checkpointer.period=2"]
+    args += ["dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0"]
+    args += ["dataloader.test.num_workers=0", f"train.output_dir={tmp_path}"]
+    proc = _start(synthetic_root, *args)
+    log = _signal_when(proc, r"Saving checkpoint to .*model_0000001\.pth", signal.SIGUSR1)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, log[-3000:]
+    iteration = _stopped_iteration(log, "SIGUSR1")
+    assert (tmp_path / "last_checkpoint").read_text() == f"model_{iteration:07d}.pth"
+
+
+# --- submitit ---------------------------------------------------------------------------------
+
+
+def _import_submit_slurm():
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    try:
+        import submit_slurm
+    finally:
+        sys.path.pop(0)
+    return submit_slurm
+
+
+def test_submit_slurm_requeues_with_resume():
+    """The job's checkpoint() (called by submitit on SIGUSR2) resubmits it with --resume."""
+    submitit = pytest.importorskip("submitit")
+    args = SimpleNamespace(resume=False, opts=["SOLVER.MAX_ITER", "4"])
+    requeued = _import_submit_slurm().TrainJob(args).checkpoint()
+    assert isinstance(requeued, submitit.helpers.DelayedSubmission)
+    assert requeued.function.args.resume and requeued.function.args.opts == args.opts
+    assert not args.resume  # the running job's arguments are left as they are
+
+
+def _children(pid):
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+@pytest.mark.slow
+def test_submitit_local_job_requeues_after_preemption_and_resumes(
+    synthetic_root, tmp_path, monkeypatch
+):
+    pytest.importorskip("submitit")
+    monkeypatch.chdir(REPO_ROOT)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("SALTNET_SYNTHETIC_ROOT", synthetic_root)
+    # The job unpickles TrainJob from the module the test imported (a script pickles it by value).
+    path = os.pathsep.join(filter(None, [str(REPO_ROOT / "tools"), os.environ.get("PYTHONPATH")]))
+    monkeypatch.setenv("PYTHONPATH", path)
+    out = tmp_path / "out"
+    opts = TINY_OPTS + ["SOLVER.MAX_ITER", "10", "SOLVER.CHECKPOINT_PERIOD", "2"]
+    opts += ["DATASETS.TEST", "()", "OUTPUT_DIR", str(out)]
+    job = _import_submit_slurm().main(
+        ["--cluster", "local", "--gpus-per-node", "0", "--time", "10"]
+        + ["--job-dir", str(tmp_path / "jobs"), "--config-file", QUICK_YAML, *opts]
+    )
+    deadline = time.monotonic() + 300
+    while not (out / "model_0000001.pth").exists():  # the task is training
+        assert time.monotonic() < deadline and not job.done(), job.stdout()
+        time.sleep(0.2)
+    # As SLURM before the time limit: submitit's signal to the task (the controller's child).
+    (task,) = _children(int(job.job_id))
+    os.kill(task, signal.SIGUSR2)
+    job.result()
+    log = job.stdout()
+    iteration = _stopped_iteration(log, "SIGUSR2")
+    assert "Requeued job" in log
+    assert f"Starting training from iteration {iteration + 1}" in log
+    assert (out / "model_final.pth").is_file()
