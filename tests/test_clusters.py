@@ -52,6 +52,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _children(pid):
+    """The process ids of the children of ``pid`` (from /proc)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
 # --- Reading the environment ----------------------------------------------------------------
 
 
@@ -280,6 +293,36 @@ def test_simulated_slurm_allocation_trains_as_the_spawned_launch_does(
     assert _differing(_final_weights(tmp_path), spawned_run) == []
 
 
+@pytest.mark.slow
+def test_restarted_torchrun_worker_group_resumes_by_itself(synthetic_root, tmp_path):
+    opts = TINY_OPTS + ["SOLVER.MAX_ITER", "10", "SOLVER.CHECKPOINT_PERIOD", "2"]
+    opts += ["DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
+        + ["--max-restarts", "1", "train_net.py", "--config-file", QUICK_YAML, *opts],
+        cwd=REPO_ROOT,
+        env=_tool_env(synthetic_root),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines = []
+    for line in proc.stdout:  # a worker crash (SIGKILL) after the first checkpoint
+        lines.append(line)
+        if re.search(r"Saving checkpoint to .*model_0000001\.pth", line):
+            while not (tmp_path / "last_checkpoint").exists():  # logged before it is written
+                time.sleep(0.05)
+            (worker,) = _children(proc.pid)
+            os.kill(worker, signal.SIGKILL)
+            break
+    log = "".join(lines) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, log[-3000:]
+    assert "Restarted worker group: resuming" in log
+    started = [int(i) for i in re.findall(r"Starting training from iteration (\d+)", log)]
+    assert started[0] == 0 and started[1] >= 2, log[-3000:]
+    assert (tmp_path / "model_final.pth").is_file()
+
+
 def _signal_when(proc, pattern, signum, timeout=300):
     """Read ``proc``'s output until a line matches ``pattern``, then send it ``signum``.
     Returns the output read."""
@@ -375,18 +418,6 @@ def test_submit_slurm_requeues_with_resume():
     assert not args.resume  # the running job's arguments are left as they are
 
 
-def _children(pid):
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the process ended
-            continue
-        if int(fields[1]) == pid:
-            children.append(int(stat.parent.name))
-    return children
-
-
 @pytest.mark.slow
 def test_submitit_local_job_requeues_after_preemption_and_resumes(
     synthetic_root, tmp_path, monkeypatch
@@ -413,7 +444,7 @@ def test_submitit_local_job_requeues_after_preemption_and_resumes(
     (task,) = _children(int(job.job_id))
     os.kill(task, signal.SIGUSR2)
     job.result()
-    log = job.stdout()
+    log = job.stdout() + job.stderr()
     iteration = _stopped_iteration(log, "SIGUSR2")
     assert "Requeued job" in log
     assert f"Starting training from iteration {iteration + 1}" in log

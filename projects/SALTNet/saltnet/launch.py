@@ -354,6 +354,6 @@ def launch_from_args(main_func, args, environ: Optional[Mapping[str, str]] = Non
         )
     if int(environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0 and not args.resume:
         args.resume = True
-        logger.info("Restarted worker group: resuming from the last checkpoint.")
+        logger.warning("Restarted worker group: resuming from the last checkpoint (--resume).")
     init_distributed(env)
     main_func(args)
