@@ -269,6 +269,32 @@ def test_torchrun_trains_one_model_as_the_spawned_launch_does(
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="gloo on the CPU")
+def test_two_node_torchrun_with_c10d_trains_as_the_spawned_launch_does(
+    synthetic_root, spawned_run, tmp_path
+):
+    # Two "machines" of one worker each, meeting through c10d rendezvous on this host.
+    rdzv = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d"]
+    rdzv += ["--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "test"]
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", *rdzv, "train_net.py"]
+            + ["--config-file", QUICK_YAML, *DIST_OPTS, "OUTPUT_DIR", str(tmp_path)],
+            cwd=REPO_ROOT,
+            env=_tool_env(synthetic_root),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    logs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "World size: 2" in "".join(logs)
+    assert _differing(_final_weights(tmp_path), spawned_run) == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="gloo on the CPU")
 def test_simulated_slurm_allocation_trains_as_the_spawned_launch_does(
     synthetic_root, spawned_run, tmp_path
 ):
