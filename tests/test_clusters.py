@@ -192,6 +192,7 @@ def _linear_training(args):
     trainer.train(0, 100)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="gloo on the CPU")
 @pytest.mark.parametrize("to_parent", [False, True], ids=["rank1-only", "via-parent"])
 def test_ranks_agree_to_stop_after_the_iteration_of_the_signal(tmp_path, to_parent):
