@@ -30,6 +30,8 @@ def test_benchmark_smoke_run(tmp_path):
     )
     assert header in done.stdout
     results = json.loads(out.read_text())
+    with Image.open(out.with_suffix(".png")) as chart:  # the chart next to the JSON
+        assert chart.format == "PNG"
     # SALT-Net and the plug-ins must run in every mode, AMP included (detectron2's own FCOS
     # fails to train under CPU bf16 autocast, the plug-in on it then too: fp32 only there).
     for name in ("SALT-Net R50-FPN", "RetinaNet+SALT R50-FPN", "FCOS+SALT R50-FPN"):

@@ -70,6 +70,8 @@ def test_smoke_run_trains_evaluates_writes_results_and_resumes(run_tool, tmp_pat
     assert [(r["variant"], r["seed"]) for r in results] == [("sdr_distill", 3), ("fcos_salt", 3)]
     assert all(0 <= r["AP"] <= 100 for r in results)
     assert "| sdr_distill | 1 |" in proc.stdout and "| fcos_salt | 1 |" in proc.stdout
+    with Image.open(tmp_path / "synthetic" / "results.png") as chart:
+        assert chart.format == "PNG"
 
     # A second call reuses the finished runs, also from another output folder (moved there);
     # other settings run them again.
