@@ -1,6 +1,6 @@
 """README.md and docs/ cannot rot silently: every file and command they name exists, every tool
 they name answers ``--help`` and knows the flags they give it, Python snippets import, and every
-internal link (anchors included) resolves."""
+internal link (anchors included) resolves; train_net.py commands load their configs."""
 
 import ast
 import glob
@@ -154,6 +154,33 @@ def test_python_snippets_import():
                 if isinstance(node, ast.ImportFrom):
                     module = importlib.import_module(node.module)
                     assert all(hasattr(module, a.name) for a in node.names), ast.unparse(node)
+
+
+def test_train_commands_load_their_configs():
+    """Every ``train_net.py`` command of the docs: its config with its overrides loads (YAML keys,
+    types and LazyConfig keys checked as train_net.py checks them)."""
+    from detectron2.config import LazyConfig
+    from detectron2.engine import default_argument_parser
+
+    from saltnet.config import load_yaml_config
+    from saltnet.lazy_overrides import check_lazy_overrides
+
+    loaded = 0
+    for text in _all_text().values():
+        for tokens in commands(text):
+            if "train_net.py" not in tokens:
+                continue
+            start = tokens.index("train_net.py") + 1
+            args, _ = default_argument_parser().parse_known_args(tokens[start:])
+            config_file = str(REPO_ROOT / args.config_file)
+            if config_file.endswith(".py"):
+                cfg = LazyConfig.load(config_file)
+                check_lazy_overrides(cfg, args.opts)
+                LazyConfig.apply_overrides(cfg, args.opts)
+            else:
+                load_yaml_config(config_file, args.opts)
+            loaded += 1
+    assert loaded >= 10
 
 
 def test_readme_is_a_first_screen():
