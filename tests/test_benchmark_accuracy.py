@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 from conftest import REPO_ROOT
+from PIL import Image
 
 
 def _tool():
@@ -69,6 +70,8 @@ def test_smoke_run_trains_evaluates_writes_results_and_resumes(run_tool, tmp_pat
     assert [(r["variant"], r["seed"]) for r in results] == [("sdr_distill", 3), ("fcos_salt", 3)]
     assert all(0 <= r["AP"] <= 100 for r in results)
     assert "| sdr_distill | 1 |" in proc.stdout and "| fcos_salt | 1 |" in proc.stdout
+    with Image.open(tmp_path / "synthetic" / "results.png") as chart:
+        assert chart.format == "PNG"
 
     # A second call reuses the finished runs, also from another output folder (moved there);
     # other settings run them again.
@@ -83,3 +86,27 @@ def test_smoke_run_trains_evaluates_writes_results_and_resumes(run_tool, tmp_pat
     proc = run_tool("tools/benchmark_accuracy.py", *args[:-2], "--variants", "fcos_salt")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "settings changed" in proc.stdout
+
+
+def test_plot_shows_each_seed_and_each_paired_difference(tmp_path):
+    results = [
+        {"variant": "fcos", "seed": 0, "AP": 30.0},
+        {"variant": "fcos", "seed": 1, "AP": 20.0},
+        {"variant": "fcos_salt", "seed": 0, "AP": 32.5},
+        {"variant": "fcos_salt", "seed": 1, "AP": 21.0},
+        {"variant": "retinanet", "seed": 0, "error": "boom"},
+        {"variant": "retinanet_salt", "seed": 0, "AP": 20.0},  # its partner failed: no pair
+    ]
+    path = tmp_path / "results.png"
+    fig = _tool().plot_results(results, path)
+    runs, diffs = fig.axes
+    assert [b.get_height() for b in runs.patches] == [25.0, 26.75, 20.0]
+    seeds = [c.get_offsets()[:, 1].tolist() for c in runs.collections]
+    assert seeds == [[30.0, 20.0], [32.5, 21.0], [20.0]]
+    assert [t.get_text() for t in runs.get_xticklabels()] == ["fcos", "fcos_salt", "retinanet_salt"]
+    per_seed, mean = diffs.collections
+    assert per_seed.get_offsets()[:, 1].tolist() == [2.5, 1.0]
+    assert mean.get_segments()[0][:, 1].tolist() == [1.75, 1.75]
+    assert [t.get_text() for t in diffs.get_xticklabels()] == ["fcos_salt\n- fcos"]
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == (800, 320)

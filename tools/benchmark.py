@@ -3,13 +3,15 @@
 
     python tools/benchmark.py                      # GPU: 800 x 1333, batch 1 and 8, fp32 and AMP
     python tools/benchmark.py --smoke              # CPU smoke run: tiny images, few iterations
+    python tools/benchmark.py --plot bench.json    # table and chart of a stored --output JSON
 
 For each model: inference images/s at each batch size (postprocessing included), training
 iterations/s (SGD step included), each in fp32 and under autocast (AMP), peak GPU memory, and
 the ratios SALT-Net / FCOS, SALT-Net / RetinaNet and the cost of the SALT plug-in (FCOS + SALT /
 FCOS, RetinaNet + SALT / RetinaNet) from the same run. Weights are random:
 speed does not depend on them. A measurement that fails (e.g. a model that breaks under AMP) is
-reported as the error instead of a number.
+reported as the error instead of a number. With ``--output``, a bar chart of the throughputs
+is written next to the JSON (same name, ``.png``; needs matplotlib, ``pip install .[plots]``).
 """
 
 import argparse
@@ -181,6 +183,34 @@ def format_table(all_results):
     return "\n".join(lines)
 
 
+def plot_throughput(all_results, path):
+    """Save a bar chart at ``path``: inference images/s (left) and training iterations/s (right),
+    one group of bars per measurement (batch size, fp32 / AMP), one bar per model; failed
+    measurements have no bar. Returns the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(all_results)
+    keys = list(all_results[names[0]])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(names)
+    for ax, unit, label in zip(axes, ("_img_s", "_it_s"), ("inference images/s", "training it/s")):
+        group = [k for k in keys if k.endswith(unit)]
+        for i, name in enumerate(names):
+            values = [all_results[name].get(k) for k in group]
+            xs = [x + i * width for x, v in enumerate(values) if isinstance(v, float)]
+            ax.bar(xs, [v for v in values if isinstance(v, float)], width, label=name)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(group))])
+        ax.set_xticklabels([k[: -len(unit)] for k in group])
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    return fig
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run (CI): 128 x 160 px")
@@ -194,7 +224,15 @@ def main(argv=None):
     parser.add_argument("--amp-dtype", choices=["bfloat16", "float16"], default="bfloat16")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--output", help="also write the results as JSON here")
+    parser.add_argument(
+        "--plot", metavar="JSON", help="measure nothing: the table and chart of an --output JSON"
+    )
     args = parser.parse_args(argv)
+    if args.plot:
+        all_results = json.loads(Path(args.plot).read_text())
+        print(format_table(all_results))
+        plot_throughput(all_results, Path(args.plot).with_suffix(".png"))
+        return
     if args.smoke:
         args.height, args.width, args.infer_batch, args.train_batch = 128, 160, [1, 2], 2
         args.warmup, args.iters = 1, 1
@@ -212,6 +250,10 @@ def main(argv=None):
     print(format_table(all_results))
     if args.output:
         Path(args.output).write_text(json.dumps(all_results, indent=2))
+        try:
+            plot_throughput(all_results, Path(args.output).with_suffix(".png"))
+        except ImportError:
+            print("matplotlib is not installed (pip install .[plots]): no chart")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ they differ only in the detector. Variants:
 Resumable: each finished run leaves ``result.json`` in its directory
 (``OUTPUT_DIR/DATASET/VARIANT_seedS``); a later call with the same settings reuses it and runs
 only what is missing (an interrupted run starts again from scratch). ``results.json`` of the
-dataset is rewritten after every run. Example (the README's comparison)::
+dataset is rewritten after every run; at the end ``results.png`` next to it shows the per-seed AP
+of each variant and the paired differences (with matplotlib, ``pip install .[plots]``). Example
+(a comparison of docs/BENCHMARKS.md)::
 
     python tools/benchmark_accuracy.py --dataset raccoon --variants fcos fcos_salt \\
         retinanet retinanet_salt --seeds 0 1 2 3 --jobs 2 --output-dir output/accuracy
@@ -203,6 +205,38 @@ def paired_differences(results):
     return header + lines if lines else []
 
 
+def plot_results(results, path, title=""):
+    """Save a PNG at ``path``: left, each finished run's AP (one point per seed, a bar at the
+    variant's mean); right, the paired differences SALT on minus off (points per seed, a line at
+    their mean). Returns the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ap = {(r["variant"], r["seed"]): r["AP"] for r in results if "error" not in r}
+    variants = list(dict.fromkeys(v for v, _ in ap))
+    pairs = [(on, off) for on, off in PAIRS if any(v == on and (off, s) in ap for v, s in ap)]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [2, 1]})
+    for x, variant in enumerate(variants):
+        values = [a for (v, _), a in ap.items() if v == variant]
+        axes[0].bar(x, statistics.mean(values), color="0.85")
+        axes[0].scatter([x] * len(values), values, color="C0", zorder=3)
+    axes[0].set_xticks(range(len(variants)), variants, rotation=30, ha="right")
+    axes[0].set_ylabel("box AP (points: seeds, bars: mean)")
+    for x, (on, off) in enumerate(pairs):
+        diffs = [a - ap[off, s] for (v, s), a in ap.items() if v == on and (off, s) in ap]
+        axes[1].scatter([x] * len(diffs), diffs, color="C1", zorder=3)
+        axes[1].hlines(statistics.mean(diffs), x - 0.2, x + 0.2, color="C1")
+    axes[1].axhline(0.0, color="0.3", linewidth=1)
+    axes[1].set_xticks(range(len(pairs)), [f"{on}\n- {off}" for on, off in pairs])
+    axes[1].set_ylabel("AP, SALT on - off (same seed)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    return fig
+
+
 def main(args) -> int:
     os.makedirs(os.path.join(args.output_dir, args.dataset), exist_ok=True)
     pairs = [(v, s) for v in args.variants for s in args.seeds]
@@ -223,6 +257,10 @@ def main(args) -> int:
         if "error" in r:
             print(f"{r['variant']} seed {r['seed']} failed:\n{r['error']}", file=sys.stderr)
     print("\n".join(summarize(results) + [""] + paired_differences(results)))
+    try:
+        plot_results(results, results_file[: -len(".json")] + ".png", title=args.dataset)
+    except ImportError:
+        print("matplotlib is not installed (pip install .[plots]): no results.png")
     return 1 if any("error" in r for r in results) else 0
 
 

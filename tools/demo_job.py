@@ -8,9 +8,9 @@
 4. writes pictures of validation images, detections (with the SALT regression / classification
    points of the top detections, red / blue) next to the ground truth, into ``<output>/vis``.
 
-On this project's 2-core CPU machine: about 7 minutes (one torch thread, see ``--threads``) and
-AP 35.4 on the validation split; the AP repeats exactly on one machine but depends on the CPU
-model (README, "Two commands"). Extra ``KEY VALUE`` arguments override the config.
+A few minutes on a 2-core CPU (one torch thread, see ``--threads``). The AP repeats exactly on
+one machine, but depends on the CPU model and the deformable-conv backend (measured runs:
+docs/BENCHMARKS.md, "make demo"). Extra ``KEY VALUE`` arguments override the config.
 """
 
 import argparse

@@ -1,6 +1,6 @@
 """The data policy of SALT-Net training: the checks detectron2 lacks, in one place.
 
-Applied to the dataset dicts of ``DATASETS.TRAIN`` before training (README "Robustness"); the
+Applied to the dataset dicts of ``DATASETS.TRAIN`` before training (docs/ROBUSTNESS.md); the
 image-file check also to test datasets:
 
 - an image file that does not exist: stop, listing the missing files;

@@ -13,7 +13,7 @@ The backend (``MODEL.SALTNET.DEFORM_BACKEND``, the layers' ``backend`` argument)
   for CUDA tensors, decided at each call from the input's device.
 * ``"gather"``: bilinear sampling + one matrix product in plain PyTorch
   (:mod:`saltnet.layers.gather_deform`), any device; several times faster than torchvision's
-  kernel on the CPU (README, "Deformable convolution").
+  kernel on the CPU (docs/BENCHMARKS.md, "Deformable convolution").
 * ``"torchvision"``: :func:`torchvision.ops.deform_conv2d`, on CPU and CUDA; ONNX export
   relies on this plain call.
 * ``"triton"``: a fused Triton kernel (:mod:`saltnet.layers.triton_deform`) on CUDA, or under
