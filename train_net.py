@@ -29,12 +29,7 @@ from saltnet.config import load_yaml_config
 from saltnet.data import register_datasets_from_cfg, register_datasets_from_lazy_cfg
 from saltnet.data.register import lazy_dataset_names
 from saltnet.data.sanitize import check_num_classes
-from saltnet.engine import (
-    SALTNetAMPTrainer,
-    SALTNetSimpleTrainer,
-    SALTNetTrainer,
-    ddp_device_ids,
-)
+from saltnet.engine import SALTNetTrainer, build_trainer, ddp_device_ids
 from saltnet.lazy_overrides import check_lazy_overrides
 
 logger = logging.getLogger("detectron2")
@@ -69,8 +64,9 @@ def do_train_lazy(args, cfg):
         check_num_classes(cfg.model.num_classes, lazy_dataset_names(cfg, "train"))
 
     model = create_ddp_model(model, device_ids=ddp_device_ids(model), **cfg.train.ddp)
-    trainer_cls = SALTNetAMPTrainer if cfg.train.amp.enabled else SALTNetSimpleTrainer
-    trainer = trainer_cls(model, train_loader, optim)
+    trainer = build_trainer(
+        model, train_loader, optim, cfg.train.amp.enabled, cfg.train.amp.precision
+    )
     # The sampler's seed travels in the checkpoint, so that --resume continues the same stream.
     checkpointer = AtomicCheckpointer(
         model,

@@ -102,6 +102,8 @@ def add_saltnet_config(cfg):
     cfg.MODEL.RETINANET.SALT_ON = True
     cfg.MODEL.RETINANET.SALT_NORM = "GN"
     cfg.MODEL.RETINANET.SALT_COARSE_LOSS_WEIGHT = 1.0
+    # The autocast dtype of AMP training (SOLVER.AMP.ENABLED): "float16" or "bfloat16".
+    cfg.SOLVER.AMP.PRECISION = "float16"
     return cfg
 
 

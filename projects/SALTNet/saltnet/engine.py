@@ -1,7 +1,7 @@
 """The :class:`DefaultTrainer` of SALT-Net, shared by ``train_net.py`` and
 ``tools/demo_job.py``."""
 
-import logging
+import contextlib
 import math
 import os
 import weakref
@@ -9,14 +9,13 @@ from typing import Mapping, Optional
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
-from detectron2.engine.defaults import create_ddp_model
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer
+from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
 
 from .checkpoint import AtomicCheckpointer
-from .config_checks import num_classes_of
+from .config_checks import amp_precision, num_classes_of
 from .data.loader import build_saltnet_test_loader, build_saltnet_train_loader
 from .data.sampler import ResumableBatchSampler
 from .data.sanitize import check_num_classes
@@ -25,6 +24,7 @@ __all__ = [
     "SALTNetAMPTrainer",
     "SALTNetSimpleTrainer",
     "SALTNetTrainer",
+    "build_trainer",
     "ddp_device_ids",
 ]
 
@@ -35,6 +35,20 @@ def ddp_device_ids(model: torch.nn.Module) -> Optional[list]:
     them)."""
     on_cuda = next(model.parameters()).device.type == "cuda"
     return [comm.get_local_rank()] if on_cuda else None
+
+
+@contextlib.contextmanager
+def _ddp_device_ids_of_the_model():
+    """Within this context, DefaultTrainer.__init__'s ``create_ddp_model`` passes
+    :func:`ddp_device_ids` (its own call passes none, so detectron2's GPU ids are used)."""
+    create_ddp_model = d2_defaults.create_ddp_model
+    d2_defaults.create_ddp_model = lambda model, **kwargs: create_ddp_model(
+        model, device_ids=ddp_device_ids(model), **kwargs
+    )
+    try:
+        yield
+    finally:
+        d2_defaults.create_ddp_model = create_ddp_model
 
 
 class _NamedNonFiniteLoss:
@@ -74,6 +88,17 @@ class SALTNetAMPTrainer(_NamedNonFiniteLoss, AMPTrainer):
     the non-finite loss message of ``_NamedNonFiniteLoss``."""
 
 
+def build_trainer(
+    model, data_loader, optimizer, amp: bool = False, precision: str = "float16"
+) -> SimpleTrainer:
+    """The training loop: :class:`SALTNetAMPTrainer` autocasting to ``precision``
+    (``"float16"`` or ``"bfloat16"``) if ``amp``, else :class:`SALTNetSimpleTrainer`.
+    Raises :class:`ConfigError` for another precision."""
+    if not amp:
+        return SALTNetSimpleTrainer(model, data_loader, optimizer)
+    return SALTNetAMPTrainer(model, data_loader, optimizer, precision=amp_precision(precision))
+
+
 class SALTNetTrainer(DefaultTrainer):
     """detectron2's :class:`DefaultTrainer` (SGD, warm-up + multi-step LR, periodic checkpoints,
     evaluation, CommonMetricPrinter with ETA, TensorBoard and JSON event files) with:
@@ -87,29 +112,25 @@ class SALTNetTrainer(DefaultTrainer):
     """
 
     def __init__(self, cfg: CfgNode):
-        # DefaultTrainer.__init__, except for the DDP device ids, the trainer classes and the
-        # checkpointer (it cannot be configured there).
-        TrainerBase.__init__(self)
-        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
-            setup_logger()
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
-        model = self.build_model(cfg)
-        optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
-        model = create_ddp_model(model, broadcast_buffers=False, device_ids=ddp_device_ids(model))
-        trainer_cls = SALTNetAMPTrainer if cfg.SOLVER.AMP.ENABLED else SALTNetSimpleTrainer
-        self._trainer = trainer_cls(model, data_loader, optimizer)
-        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        sampler = getattr(data_loader, "batch_sampler", None)
+        with _ddp_device_ids_of_the_model():
+            super().__init__(cfg)
+        # What DefaultTrainer.__init__ cannot be told: our trainer classes and AMP precision
+        # (on the parts it built), and the checkpointer (replaced in build_hooks).
+        old = self._trainer
+        amp = self.cfg.SOLVER.AMP
+        self._trainer = build_trainer(
+            old.model, old.data_loader, old.optimizer, amp.ENABLED, amp.PRECISION
+        )
+
+    def build_hooks(self):
+        # The last step of DefaultTrainer.__init__: the checkpointer exists, its hook does not.
+        sampler = getattr(self._trainer.data_loader, "batch_sampler", None)
         self.train_sampler = sampler if isinstance(sampler, ResumableBatchSampler) else None
         extra = {"train_sampler": self.train_sampler} if self.train_sampler else {}
         self.checkpointer = AtomicCheckpointer(
-            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self), **extra
+            self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self), **extra
         )
-        self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
-        self.cfg = cfg
-        self.register_hooks(self.build_hooks())
+        return super().build_hooks()
 
     def resume_or_load(self, resume: bool = True) -> None:
         super().resume_or_load(resume=resume)
