@@ -6,7 +6,8 @@ import uuid
 import numpy as np
 import pytest
 import torch
-from conftest import QUICK_YAML
+from conftest import QUICK_YAML, REPO_ROOT
+from detectron2.config import LazyConfig, instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
@@ -161,6 +162,31 @@ def test_dataset_with_fewer_classes_warns(caplog):
     with caplog.at_level(logging.WARNING, logger="saltnet.data.sanitize"):
         check_num_classes(3, [name, without_classes])  # no thing_classes: skipped
     assert caplog.text == ""
+
+
+@pytest.mark.parametrize(
+    "config, key",
+    [
+        ("configs/quick_schedule/salt_R_18_synthetic.yaml", "MODEL.SALTNET.NUM_CLASSES"),
+        (
+            "configs/quick_schedule/retinanet_salt_R_18_synthetic.yaml",
+            "MODEL.RETINANET.NUM_CLASSES",
+        ),
+    ],
+)
+def test_yaml_training_loader_checks_the_models_class_count(synthetic_root, config, key):
+    opts = ["DATASETS.SYNTHETIC_ROOT", synthetic_root, "DATALOADER.NUM_WORKERS", "0", key, "2"]
+    cfg = load_yaml_config(str(REPO_ROOT / config), opts)
+    with pytest.raises(ValueError, match=rf"has 4 classes .* model has 2 \({key}\); set it to 4"):
+        build_saltnet_train_loader(cfg)
+
+
+def test_lazy_training_loader_checks_the_models_class_count(synthetic_root):
+    cfg = LazyConfig.load(str(REPO_ROOT / "configs/quick_schedule/salt_R_18_synthetic.py"))
+    cfg.dataloader.synthetic_root, cfg.dataloader.train.num_workers = synthetic_root, 0
+    cfg.model.num_classes = 3
+    with pytest.raises(ValueError, match=r"has 4 classes .* model has 3 \(model.num_classes\)"):
+        instantiate(cfg.dataloader.train)
 
 
 def test_datasets_with_different_classes():

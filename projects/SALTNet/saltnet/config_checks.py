@@ -3,7 +3,7 @@
 The YAML files are walked here (unknown keys, wrong types, named with their file or the command
 line); the merge itself is yacs'. ``SDR_MODE``, ``IN_FEATURES`` and ``DEFORM_BACKEND`` are checked
 once, where the model is built (so for LazyConfigs too); the class count against the training
-datasets with the data policy (:func:`saltnet.data.sanitize.check_num_classes`).
+datasets by the training loader (:func:`saltnet.data.loader.load_train_dataset_dicts`).
 """
 
 import difflib
@@ -18,6 +18,7 @@ from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
 from detectron2.utils.file_io import PathManager
 
 from . import modeling  # noqa: F401  (registers SALT-Net's meta-architecture and backbones)
+from .data.loader import num_classes_of
 
 __all__ = [
     "AMP_PRECISIONS",
@@ -126,20 +127,6 @@ def _unknown_key_error(cfg: CfgNode, key: str, source: str) -> UnknownConfigKeyE
             node, where = node[parts[depth - 1]], ".".join(parts[:depth])
         message += f" Valid keys at {where}: {', '.join(sorted(node.keys()))}."
     return UnknownConfigKeyError(message, key, source, suggestions)
-
-
-# Where each YAML-built meta-architecture of this project keeps its class count.
-NUM_CLASSES_KEYS = {
-    "SALTNet": "MODEL.SALTNET.NUM_CLASSES",
-    "SALTRetinaNet": "MODEL.RETINANET.NUM_CLASSES",
-    "RetinaNet": "MODEL.RETINANET.NUM_CLASSES",
-}
-
-
-def num_classes_of(cfg: CfgNode) -> Optional[Tuple[str, int]]:
-    """(key, value) of the model's class count (``NUM_CLASSES_KEYS``), None if not known."""
-    key = NUM_CLASSES_KEYS.get(cfg.MODEL.META_ARCHITECTURE)
-    return (key, reduce(getattr, key.split("."), cfg)) if key else None
 
 
 # The autocast dtypes of SOLVER.AMP.PRECISION (YAML) and train.amp.precision (LazyConfig):

@@ -15,10 +15,9 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 
 from .checkpoint import AtomicCheckpointer
-from .config_checks import amp_precision, num_classes_of
+from .config_checks import amp_precision
 from .data.loader import build_saltnet_test_loader, build_saltnet_train_loader
 from .data.sampler import ResumableBatchSampler
-from .data.sanitize import check_num_classes
 
 __all__ = [
     "SALTNetAMPTrainer",
@@ -139,11 +138,7 @@ class SALTNetTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        loader = build_saltnet_train_loader(cfg)
-        if num_classes_of(cfg):  # after loading: COCO sets the classes then
-            key, num_classes = num_classes_of(cfg)
-            check_num_classes(num_classes, cfg.DATASETS.TRAIN, key)
-        return loader
+        return build_saltnet_train_loader(cfg)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
