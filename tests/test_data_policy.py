@@ -240,6 +240,49 @@ def test_unreadable_training_images_are_skipped_with_a_warning(mapper, tmp_path,
         SeededMapDataset(dicts[:1], mapper, max_skips=1)[(0, 1)]
 
 
+def _broken_and_good(tmp_path):
+    """Records: truncated JPEG, good, not-an-image PNG, good (64 x 64)."""
+    good = _write_image(tmp_path / "good.png", np.full((64, 64, 3), 9, np.uint8))
+    truncated = tmp_path / "truncated.jpg"
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (64, 64, 3), np.uint8)).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    garbage = tmp_path / "garbage.png"
+    garbage.write_text("not an image")
+    files = [str(truncated), good, str(garbage), good]
+    return [_record([_ann([1, 1, 9, 9])], file_name=f, width=64, height=64) for f in files]
+
+
+def test_unreadable_training_images_are_reported_once_per_file(mapper, tmp_path, caplog):
+    dicts = _broken_and_good(tmp_path)
+    dataset = SeededMapDataset(dicts, mapper, max_skips=1)
+    with caplog.at_level(logging.WARNING, logger="saltnet.data.loader"):
+        for epoch in range(6):  # the sampler returns to every image 6 times
+            for index in range(4):
+                assert dataset[(index, epoch)]["file_name"].endswith("good.png")
+    messages = [r.getMessage() for r in caplog.records]
+    bad = [dicts[0]["file_name"], dicts[2]["file_name"]]
+    for file_name in bad:
+        assert sum(m.startswith("Skipping") and file_name in m for m in messages) == 1, messages
+    # 2 skips per epoch: one summary, after the 10th.
+    summary = f"2 unreadable training image(s) skipped 10 time(s) so far: {', '.join(bad)}"
+    assert [m for m in messages if not m.startswith("Skipping")] == [summary]
+    assert dataset.unreadable_files() == bad
+    assert "skipped 12 time(s)" in dataset.unreadable_summary()
+
+
+def test_unreadable_images_are_recorded_across_loader_workers(mapper, tmp_path):
+    dicts = _broken_and_good(tmp_path)
+    dataset = SeededMapDataset(dicts, mapper, max_skips=1)
+    keys = [(index, 0) for index in range(4)] * 3
+    loader = torch.utils.data.DataLoader(
+        dataset, sampler=keys, batch_size=None, num_workers=2, collate_fn=lambda x: x
+    )
+    assert len(list(loader)) == 12
+    # Recorded by the workers, read by this process.
+    assert dataset.unreadable_files() == [dicts[0]["file_name"], dicts[2]["file_name"]]
+    assert "skipped 6 time(s)" in dataset.unreadable_summary()
+
+
 def test_unreadable_image_at_evaluation_names_the_file(tmp_path):
     path = tmp_path / "broken.png"
     path.write_text("not an image")

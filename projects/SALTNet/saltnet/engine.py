@@ -2,6 +2,7 @@
 ``tools/demo_job.py``."""
 
 import contextlib
+import logging
 import math
 import os
 import weakref
@@ -11,12 +12,13 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer
 from detectron2.engine import defaults as d2_defaults
+from detectron2.engine import hooks
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 
 from .checkpoint import AtomicCheckpointer
 from .config_checks import amp_precision
-from .data.loader import build_saltnet_test_loader, build_saltnet_train_loader
+from .data.loader import SeededMapDataset, build_saltnet_test_loader, build_saltnet_train_loader
 from .data.sampler import ResumableBatchSampler
 
 __all__ = [
@@ -98,12 +100,18 @@ def build_trainer(
     return SALTNetAMPTrainer(model, data_loader, optimizer, precision=amp_precision(precision))
 
 
+def _log_unreadable(dataset: SeededMapDataset) -> None:
+    if dataset.unreadable_files():
+        logging.getLogger(__name__).warning(dataset.unreadable_summary())
+
+
 class SALTNetTrainer(DefaultTrainer):
     """detectron2's :class:`DefaultTrainer` (SGD, warm-up + multi-step LR, periodic checkpoints,
     evaluation, CommonMetricPrinter with ETA, TensorBoard and JSON event files) with:
 
     - the data loaders of :mod:`saltnet.data.loader` (box policy, robust image reading, exact
-      resume: the sampler's seed is checkpointed and it skips to the resumed iteration);
+      resume: the sampler's seed is checkpointed and it skips to the resumed iteration), and
+      the count of unreadable images skipped, logged when training ends;
     - :class:`COCOEvaluator` (box AP) for every test dataset;
     - atomic checkpoint writes (:class:`AtomicCheckpointer`);
     - DistributedDataParallel on CPU processes too (gloo);
@@ -129,7 +137,11 @@ class SALTNetTrainer(DefaultTrainer):
         self.checkpointer = AtomicCheckpointer(
             self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self), **extra
         )
-        return super().build_hooks()
+        ret = super().build_hooks()
+        dataset = getattr(self._trainer.data_loader, "dataset", None)
+        if isinstance(dataset, SeededMapDataset):
+            ret.append(hooks.CallbackHook(after_train=lambda _: _log_unreadable(dataset)))
+        return ret
 
     def resume_or_load(self, resume: bool = True) -> None:
         super().resume_or_load(resume=resume)

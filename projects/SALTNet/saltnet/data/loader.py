@@ -4,11 +4,13 @@ The training loader differs from detectron2's ``build_detection_train_loader`` i
 the dataset dicts go through the box policy of :mod:`saltnet.data.sanitize`; batches come from
 :class:`ResumableBatchSampler`, and every sample's augmentation RNG is seeded from its place in
 the stream, so that a resumed run continues with exactly the data of an uninterrupted one; an
-image that cannot be read is skipped with a warning naming it (the next image of the dataset
-takes its place) instead of killing a long run.
+image that cannot be read is skipped (the next image of the dataset takes its place) instead of
+killing a long run, with one warning per file and a summary of the count.
 """
 
 import logging
+import math
+import multiprocessing
 from functools import reduce
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -66,14 +68,22 @@ logger = logging.getLogger(__name__)
 class SeededMapDataset(Dataset):
     """``mapper(dataset_dicts[index])`` for keys ``(index, sample_seed)``, with numpy's global
     RNG (which detectron2's augmentations draw from) seeded by ``sample_seed`` during the call
-    and restored afterwards. An :class:`ImageReadError` is logged and the next image is mapped
-    instead, up to ``max_skips`` times in a row."""
+    and restored afterwards. An :class:`ImageReadError` skips to the next image, up to
+    ``max_skips`` times in a row.
+
+    Each unreadable file is logged once (across the loader's worker processes, which share the
+    record), and a summary with the number of skips after 10, 100, 1000, ... of them;
+    :meth:`unreadable_summary` gives it at any time (e.g. after training).
+    """
 
     def __init__(self, dataset_dicts: Sequence[dict], mapper: Callable, max_skips: int = 10):
         # Serialised once, so that workers share it instead of copying it on access.
         self.dataset_dicts = DatasetFromList(list(dataset_dicts), copy=False, serialize=True)
         self.mapper = mapper
         self.max_skips = max_skips
+        # Shared memory, inherited by the workers: 1 per unreadable image, and the skip count.
+        self._unreadable = multiprocessing.RawArray("B", len(self.dataset_dicts))
+        self._skips = multiprocessing.Value("q", 0)
 
     def __len__(self) -> int:
         return len(self.dataset_dicts)
@@ -92,11 +102,37 @@ class SeededMapDataset(Dataset):
             try:
                 return self._map_seeded((index + skip) % len(self), seed)
             except ImageReadError as e:
-                logger.warning(f"Skipping an unreadable training image: {e}")
+                self._record_unreadable((index + skip) % len(self), e)
                 error = e
         raise RuntimeError(
             f"{self.max_skips + 1} images in a row could not be read (last: {error}); "
             "check the dataset's image files."
+        )
+
+    def _record_unreadable(self, index: int, error: ImageReadError) -> None:
+        with self._skips.get_lock():
+            self._skips.value += 1
+            skips, first = self._skips.value, not self._unreadable[index]
+            self._unreadable[index] = 1
+        if first:
+            logger.warning(
+                f"Skipping an unreadable training image (logged once, later skips counted): {error}"
+            )
+        if skips >= 10 and math.log10(skips).is_integer():
+            logger.warning(self.unreadable_summary())
+
+    def unreadable_files(self) -> List[str]:
+        """The files found unreadable so far, in dataset order."""
+        flags = bytes(self._unreadable)
+        return [self.dataset_dicts[i]["file_name"] for i, bad in enumerate(flags) if bad]
+
+    def unreadable_summary(self) -> str:
+        """How many files were found unreadable and how often they were skipped so far."""
+        files = self.unreadable_files()
+        listed = ", ".join(files[:10]) + (", ..." if len(files) > 10 else "")
+        return (
+            f"{len(files)} unreadable training image(s) skipped {self._skips.value} time(s) so "
+            f"far: {listed}"
         )
 
 
