@@ -1,6 +1,7 @@
 """Exact resume: N + N iterations with a crash and --resume in between equal 2N straight."""
 
 import itertools
+import logging
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from saltnet.checkpoint import AtomicCheckpointer
 from saltnet.config import load_yaml_config
 from saltnet.config_checks import ConfigError
 from saltnet.data import register_datasets_from_cfg
+from saltnet.data.image_io import ImageReadError
 from saltnet.data.sampler import ResumableBatchSampler
 from saltnet.engine import SALTNetAMPTrainer, SALTNetSimpleTrainer, SALTNetTrainer, build_trainer
 
@@ -132,6 +134,17 @@ def test_trainer_replaces_detectron2s_loop_and_checkpointer(
     (periodic,) = [h for h in trainer._hooks if isinstance(h, hooks.PeriodicCheckpointer)]
     assert periodic.checkpointer is trainer.checkpointer
     assert trainer._trainer.model is trainer.model and trainer.model is trainer.checkpointer.model
+
+
+def test_trainer_logs_the_unreadable_images_when_training_ends(synthetic_root, tmp_path, caplog):
+    trainer = _trainer(synthetic_root, tmp_path, 0)
+    dataset = trainer.data_loader.dataset
+    file_name = dataset.dataset_dicts[2]["file_name"]
+    dataset._record_unreadable(2, ImageReadError(file_name, "truncated"))  # as a worker does
+    (hook,) = [h for h in trainer._hooks if isinstance(h, hooks.CallbackHook)]
+    with caplog.at_level(logging.WARNING, logger="saltnet.engine"):
+        hook.after_train()
+    assert f"1 unreadable training image(s) skipped 1 time(s) so far: {file_name}" in caplog.text
 
 
 def test_build_trainer_refuses_an_unknown_amp_precision():

@@ -40,8 +40,9 @@ def ddp_device_ids(model: torch.nn.Module) -> Optional[list]:
 
 @contextlib.contextmanager
 def _ddp_device_ids_of_the_model():
-    """Within this context, DefaultTrainer.__init__'s ``create_ddp_model`` passes
-    :func:`ddp_device_ids` (its own call passes none, so detectron2's GPU ids are used)."""
+    """Within this context, ``create_ddp_model`` (called by DefaultTrainer.__init__ without
+    device ids, so it would pass this process's GPU, which DDP rejects for a CPU model) passes
+    :func:`ddp_device_ids`."""
     create_ddp_model = d2_defaults.create_ddp_model
     d2_defaults.create_ddp_model = lambda model, **kwargs: create_ddp_model(
         model, device_ids=ddp_device_ids(model), **kwargs
