@@ -31,15 +31,8 @@ from detectron2.utils import comm
 
 from saltnet.checkpoint import AtomicCheckpointer
 from saltnet.config import load_yaml_config
-from saltnet.data import register_datasets_from_cfg, register_datasets_from_lazy_cfg
-from saltnet.data.register import lazy_dataset_names
-from saltnet.data.sanitize import check_num_classes
-from saltnet.engine import (
-    SALTNetAMPTrainer,
-    SALTNetSimpleTrainer,
-    SALTNetTrainer,
-    ddp_device_ids,
-)
+from saltnet.data import register_datasets_from_cfg
+from saltnet.engine import SALTNetTrainer, build_trainer, ddp_device_ids
 from saltnet.launch import launch_from_args
 from saltnet.lazy_overrides import check_lazy_overrides
 from saltnet.preemption import PreemptionHook
@@ -71,13 +64,12 @@ def do_train_lazy(args, cfg):
 
     cfg.optimizer.params.model = model
     optim = instantiate(cfg.optimizer)
-    train_loader = instantiate(cfg.dataloader.train)
-    if "num_classes" in cfg.model:  # after loading: COCO sets the classes then
-        check_num_classes(cfg.model.num_classes, lazy_dataset_names(cfg, "train"))
+    train_loader = instantiate(cfg.dataloader.train)  # registers its datasets, checks classes
 
     model = create_ddp_model(model, device_ids=ddp_device_ids(model), **cfg.train.ddp)
-    trainer_cls = SALTNetAMPTrainer if cfg.train.amp.enabled else SALTNetSimpleTrainer
-    trainer = trainer_cls(model, train_loader, optim)
+    trainer = build_trainer(
+        model, train_loader, optim, cfg.train.amp.enabled, cfg.train.amp.precision
+    )
     # The sampler's seed travels in the checkpoint, so that --resume continues the same stream.
     checkpointer = AtomicCheckpointer(
         model,
@@ -120,7 +112,6 @@ def main_lazy(args):
     check_lazy_overrides(cfg, args.opts)  # detectron2 would add a misspelt key silently
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     default_setup(cfg, args)
-    register_datasets_from_lazy_cfg(cfg)
     if args.eval_only:
         model = instantiate(cfg.model).to(cfg.train.device)
         model = create_ddp_model(model, device_ids=ddp_device_ids(model))

@@ -142,6 +142,16 @@ def test_bad_saltnet_choices():
     assert "SOLVER.IMS_PER_BATCH is 0" in message
 
 
+def test_amp_precision_is_one_of_the_autocast_dtypes():
+    cfg = saltnet_cfg()
+    assert cfg.SOLVER.AMP.PRECISION == "float16"  # detectron2's AMPTrainer's precision
+    cfg.SOLVER.AMP.PRECISION = "bfloat16"
+    check_config(cfg)
+    cfg.SOLVER.AMP.PRECISION = "fp16"
+    with pytest.raises(ConfigError, match="SOLVER.AMP.PRECISION.* is 'fp16'.*float16, bfloat16"):
+        check_config(cfg)
+
+
 def test_retinanet_class_count_is_checked_under_its_own_key():
     cfg = saltnet_cfg()
     cfg.MODEL.META_ARCHITECTURE = "SALTRetinaNet"

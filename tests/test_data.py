@@ -3,11 +3,14 @@
 import filecmp
 import json
 import os
+import subprocess
+import sys
 import uuid
 
 import cv2
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
@@ -271,6 +274,36 @@ def test_command_line_registration_of_a_missing_file_fails_clearly(run_tool, tmp
     )
     assert proc.returncode != 0
     assert f"FileNotFoundError: COCO annotation file '{missing}' does not exist" in proc.stderr
+
+
+# A fresh process that imports neither train_net.py nor saltnet's registration helpers, as
+# detectron2's tools/lazyconfig_train_net.py (or analyze_model.py, benchmark.py) would.
+_LAZY_TOOL = """
+import sys
+from detectron2.config import LazyConfig, instantiate
+cfg = LazyConfig.load("configs/quick_schedule/salt_R_18_synthetic.py")
+cfg.dataloader.train.num_workers = 0
+batch = next(iter(instantiate(cfg.dataloader.train)))
+assert len(batch) == cfg.dataloader.train.total_batch_size, len(batch)
+assert len(batch[0]["instances"]) > 0 and batch[0]["image"].shape[0] == 3
+test = instantiate(cfg.dataloader.test)
+assert len(test) == 80, len(test)  # saltnet_synth_val
+assert "train_net" not in sys.modules
+print("ok")
+"""
+
+
+def test_lazy_config_loaders_register_their_datasets_in_a_fresh_process(synthetic_root):
+    env = dict(os.environ, OMP_NUM_THREADS="1", SALTNET_SYNTHETIC_ROOT=synthetic_root)
+    proc = subprocess.run(
+        [sys.executable, "-c", _LAZY_TOOL],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
 def test_synthetic_dataset_content(synthetic_root):

@@ -6,7 +6,8 @@ import uuid
 import numpy as np
 import pytest
 import torch
-from conftest import QUICK_YAML
+from conftest import QUICK_YAML, REPO_ROOT
+from detectron2.config import LazyConfig, instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
@@ -163,6 +164,31 @@ def test_dataset_with_fewer_classes_warns(caplog):
     assert caplog.text == ""
 
 
+@pytest.mark.parametrize(
+    "config, key",
+    [
+        ("configs/quick_schedule/salt_R_18_synthetic.yaml", "MODEL.SALTNET.NUM_CLASSES"),
+        (
+            "configs/quick_schedule/retinanet_salt_R_18_synthetic.yaml",
+            "MODEL.RETINANET.NUM_CLASSES",
+        ),
+    ],
+)
+def test_yaml_training_loader_checks_the_models_class_count(synthetic_root, config, key):
+    opts = ["DATASETS.SYNTHETIC_ROOT", synthetic_root, "DATALOADER.NUM_WORKERS", "0", key, "2"]
+    cfg = load_yaml_config(str(REPO_ROOT / config), opts)
+    with pytest.raises(ValueError, match=rf"has 4 classes .* model has 2 \({key}\); set it to 4"):
+        build_saltnet_train_loader(cfg)
+
+
+def test_lazy_training_loader_checks_the_models_class_count(synthetic_root):
+    cfg = LazyConfig.load(str(REPO_ROOT / "configs/quick_schedule/salt_R_18_synthetic.py"))
+    cfg.dataloader.synthetic_root, cfg.dataloader.train.num_workers = synthetic_root, 0
+    cfg.model.num_classes = 3
+    with pytest.raises(ValueError, match=r"has 4 classes .* model has 3 \(model.num_classes\)"):
+        instantiate(cfg.dataloader.train)
+
+
 def test_datasets_with_different_classes():
     first, second = _register([], classes=("a", "b")), _register([], classes=("a", "c"))
     with pytest.raises(ValueError) as info:
@@ -212,6 +238,49 @@ def test_unreadable_training_images_are_skipped_with_a_warning(mapper, tmp_path,
     assert "truncated.jpg" in caplog.text
     with pytest.raises(RuntimeError, match="2 images in a row could not be read"):
         SeededMapDataset(dicts[:1], mapper, max_skips=1)[(0, 1)]
+
+
+def _broken_and_good(tmp_path):
+    """Records: truncated JPEG, good, not-an-image PNG, good (64 x 64)."""
+    good = _write_image(tmp_path / "good.png", np.full((64, 64, 3), 9, np.uint8))
+    truncated = tmp_path / "truncated.jpg"
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (64, 64, 3), np.uint8)).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    garbage = tmp_path / "garbage.png"
+    garbage.write_text("not an image")
+    files = [str(truncated), good, str(garbage), good]
+    return [_record([_ann([1, 1, 9, 9])], file_name=f, width=64, height=64) for f in files]
+
+
+def test_unreadable_training_images_are_reported_once_per_file(mapper, tmp_path, caplog):
+    dicts = _broken_and_good(tmp_path)
+    dataset = SeededMapDataset(dicts, mapper, max_skips=1)
+    with caplog.at_level(logging.WARNING, logger="saltnet.data.loader"):
+        for epoch in range(6):  # the sampler returns to every image 6 times
+            for index in range(4):
+                assert dataset[(index, epoch)]["file_name"].endswith("good.png")
+    messages = [r.getMessage() for r in caplog.records]
+    bad = [dicts[0]["file_name"], dicts[2]["file_name"]]
+    for file_name in bad:
+        assert sum(m.startswith("Skipping") and file_name in m for m in messages) == 1, messages
+    # 2 skips per epoch: one summary, after the 10th.
+    summary = f"2 unreadable training image(s) skipped 10 time(s) so far: {', '.join(bad)}"
+    assert [m for m in messages if not m.startswith("Skipping")] == [summary]
+    assert dataset.unreadable_files() == bad
+    assert "skipped 12 time(s)" in dataset.unreadable_summary()
+
+
+def test_unreadable_images_are_recorded_across_loader_workers(mapper, tmp_path):
+    dicts = _broken_and_good(tmp_path)
+    dataset = SeededMapDataset(dicts, mapper, max_skips=1)
+    keys = [(index, 0) for index in range(4)] * 3
+    loader = torch.utils.data.DataLoader(
+        dataset, sampler=keys, batch_size=None, num_workers=2, collate_fn=lambda x: x
+    )
+    assert len(list(loader)) == 12
+    # Recorded by the workers, read by this process.
+    assert dataset.unreadable_files() == [dicts[0]["file_name"], dicts[2]["file_name"]]
+    assert "skipped 6 time(s)" in dataset.unreadable_summary()
 
 
 def test_unreadable_image_at_evaluation_names_the_file(tmp_path):

@@ -23,6 +23,7 @@ def test_existing_keys_and_unset_arguments_of_lazy_calls_are_accepted(cfg):
             "model.num_classes=3",
             "dataloader.train.num_workers=0",
             "optimizer.nesterov=True",  # torch.optim.SGD's argument, not written in the file
+            "train.amp.precision=bfloat16",
             "+train.my_new_key=1",  # an explicit addition
         ],
     )

@@ -1,17 +1,21 @@
 """Exact resume: N + N iterations with a crash and --resume in between equal 2N straight."""
 
 import itertools
+import logging
 
 import pytest
 import torch
 from conftest import QUICK_YAML, TINY_OPTS
-from detectron2.engine import HookBase
+from detectron2.engine import HookBase, hooks
 from detectron2.utils.env import seed_all_rng
 
+from saltnet.checkpoint import AtomicCheckpointer
 from saltnet.config import load_yaml_config
+from saltnet.config_checks import ConfigError
 from saltnet.data import register_datasets_from_cfg
+from saltnet.data.image_io import ImageReadError
 from saltnet.data.sampler import ResumableBatchSampler
-from saltnet.engine import SALTNetTrainer
+from saltnet.engine import SALTNetAMPTrainer, SALTNetSimpleTrainer, SALTNetTrainer, build_trainer
 
 
 def _batches(sampler, n):
@@ -69,9 +73,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _trainer(synthetic_root, out, seed):
+def _trainer(synthetic_root, out, seed, *extra_opts):
     # 8 iterations, a checkpoint after iteration 3 (the 4th), flips and the LR step included.
-    opts = TINY_OPTS + ["SOLVER.MAX_ITER", "8", "SOLVER.STEPS", "(6,)"]
+    opts = TINY_OPTS + ["SOLVER.MAX_ITER", "8", "SOLVER.STEPS", "(6,)", *extra_opts]
     opts += ["SOLVER.CHECKPOINT_PERIOD", "4", "DATASETS.TEST", "()", "SEED", str(seed)]
     opts += ["DATASETS.SYNTHETIC_ROOT", synthetic_root, "OUTPUT_DIR", str(out)]
     cfg = load_yaml_config(QUICK_YAML, opts)
@@ -113,6 +117,41 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(
     replayed.train_sampler.start_iter = 0
     replayed.train()
     assert _differing(replayed, straight) != []
+
+
+@pytest.mark.parametrize("amp, precision", [(False, None), (True, "bfloat16"), (True, "float16")])
+def test_trainer_replaces_detectron2s_loop_and_checkpointer(
+    synthetic_root, tmp_path, amp, precision
+):
+    opts = ["SOLVER.AMP.ENABLED", str(amp)] + (["SOLVER.AMP.PRECISION", precision] if amp else [])
+    trainer = _trainer(synthetic_root, tmp_path, 0, *opts)
+    assert type(trainer._trainer) is (SALTNetAMPTrainer if amp else SALTNetSimpleTrainer)
+    if amp:
+        assert trainer._trainer.precision == getattr(torch, precision)
+    # The periodic checkpoints are atomic and carry the sampler's seed.
+    assert isinstance(trainer.checkpointer, AtomicCheckpointer)
+    assert trainer.checkpointer.checkpointables["train_sampler"] is trainer.train_sampler
+    (periodic,) = [h for h in trainer._hooks if isinstance(h, hooks.PeriodicCheckpointer)]
+    assert periodic.checkpointer is trainer.checkpointer
+    assert trainer._trainer.model is trainer.model and trainer.model is trainer.checkpointer.model
+
+
+def test_trainer_logs_the_unreadable_images_when_training_ends(synthetic_root, tmp_path, caplog):
+    trainer = _trainer(synthetic_root, tmp_path, 0)
+    dataset = trainer.data_loader.dataset
+    file_name = dataset.dataset_dicts[2]["file_name"]
+    dataset._record_unreadable(2, ImageReadError(file_name, "truncated"))  # as a worker does
+    (hook,) = [h for h in trainer._hooks if isinstance(h, hooks.CallbackHook)]
+    with caplog.at_level(logging.WARNING, logger="saltnet.engine"):
+        hook.after_train()
+    assert f"1 unreadable training image(s) skipped 1 time(s) so far: {file_name}" in caplog.text
+
+
+def test_build_trainer_refuses_an_unknown_amp_precision():
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match="train.amp.precision.* is 'half'"):
+        build_trainer(model, [], optimizer, True, "half")
 
 
 def test_lazy_config_resume_reproduces_the_uninterrupted_run(run_tool, tmp_path):

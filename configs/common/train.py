@@ -7,3 +7,5 @@ train.max_iter = 90000
 train.checkpointer.period = 10000
 # Seed of the training stream (and of default_setup's RNGs); -1 draws one (saved in checkpoints).
 train.seed = -1
+# The autocast dtype of AMP training (train.amp.enabled=True): "float16" or "bfloat16".
+train.amp.precision = "float16"

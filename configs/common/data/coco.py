@@ -6,11 +6,11 @@ Training goes through SALT-Net's loader (box policy, robust image reading, exact
 
 import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
-from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
+from detectron2.data import build_detection_test_loader
 from detectron2.evaluation import COCOEvaluator
 from omegaconf import OmegaConf
 
-from saltnet.data.loader import build_saltnet_train_loader
+from saltnet.data.loader import build_saltnet_train_loader, get_registered_dataset_dicts
 from saltnet.data.mapper import SALTNetDatasetMapper
 
 dataloader = OmegaConf.create()
@@ -28,10 +28,18 @@ dataloader.train = L(build_saltnet_train_loader)(
     total_batch_size=16,
     num_workers=4,
     seed="${train.seed}",
+    num_classes="${model.num_classes}",  # checked against the datasets' classes
+    register="${..register}",
+    synthetic_root="${..synthetic_root}",
 )
 
 dataloader.test = L(build_detection_test_loader)(
-    dataset=L(get_detection_dataset_dicts)(names="coco_2017_val", filter_empty=False),
+    dataset=L(get_registered_dataset_dicts)(
+        names="coco_2017_val",
+        filter_empty=False,
+        register="${...register}",
+        synthetic_root="${...synthetic_root}",
+    ),
     mapper=L(SALTNetDatasetMapper)(
         is_train=False,
         augmentations=[L(T.ResizeShortestEdge)(short_edge_length=800, max_size=1333)],
@@ -48,7 +56,7 @@ dataloader.evaluator = L(COCOEvaluator)(
     output_dir="${...train.output_dir}/inference",
 )
 
-# Datasets that train_net.py registers before building the loaders: a list of
+# Datasets the loaders register before loading (so any detectron2 tool can use them): a list of
 # "NAME=coco:JSON_FILE:IMAGE_ROOT" / "NAME=voc:VOC_DIR:SPLIT[:CLASSES]" specs, and where the
 # synthetic dataset lives ("" = $SALTNET_SYNTHETIC_ROOT or datasets/saltnet_synthetic).
 dataloader.register = []

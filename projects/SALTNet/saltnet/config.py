@@ -1,8 +1,12 @@
 """SALT-Net's config: the keys it adds to detectron2's (``MODEL.SALTNET``, ``MODEL.RES2NET``,
 the dataset keys) with their defaults, and the checked loader of YAML configs.
 
-Defaults follow the paper and the authors' release.
+Defaults follow the paper and the authors' release; SALT-Net's hyper-parameters take theirs from
+the model's constructors (:func:`constructor_defaults`).
 """
+
+import inspect
+from typing import Any, Dict
 
 from detectron2.config import CfgNode
 from detectron2.config import CfgNode as CN
@@ -10,8 +14,21 @@ from detectron2.config import get_cfg
 
 from .config_checks import check_config, merge_config
 from .data.register import add_dataset_config
+from .modeling import SALTHead, SALTNet
 
-__all__ = ["add_res2net_config", "add_saltnet_config", "get_saltnet_cfg", "load_yaml_config"]
+__all__ = [
+    "add_res2net_config",
+    "add_saltnet_config",
+    "constructor_defaults",
+    "get_saltnet_cfg",
+    "load_yaml_config",
+]
+
+
+def constructor_defaults(cls) -> Dict[str, Any]:
+    """The keyword arguments of ``cls.__init__`` that have a default, with their defaults."""
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not p.empty}
 
 
 def add_res2net_config(cfg):
@@ -53,46 +70,49 @@ def add_saltnet_config(cfg):
     cfg.register_renamed_key("MODEL.SALTNET.DETECTIONS_PER_IMAGE", "TEST.DETECTIONS_PER_IMAGE")
     cfg.MODEL.SALTNET = CN()
     node = cfg.MODEL.SALTNET
+    # The hyper-parameters' defaults are the model constructors' (one source for YAML configs,
+    # LazyConfigs and code); the dataset's class count and the FPN levels are choices here.
+    head, detector = constructor_defaults(SALTHead), constructor_defaults(SALTNet)
     node.NUM_CLASSES = 80
     node.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
     # Towers: NUM_CONVS x (conv3x3 + GN(32) + ReLU), separate for classification and regression.
-    node.NUM_CONVS = 3
-    node.NORM = "GN"
+    node.NUM_CONVS = head["num_convs"]
+    node.NORM = head["norm"]
     # "dcnx" models: the last conv of both towers is a modulated deformable conv (DCNv2).
-    node.TOWER_LAST_DCN = False
+    node.TOWER_LAST_DCN = head["tower_last_dcn"]
     # General distribution of each side distance: softmax over REG_MAX + 1 bins (stride units).
-    node.REG_MAX = 16
+    node.REG_MAX = head["reg_max"]
     # Quality branch (GFLV2 DGQP): top-k bin probabilities (+ their mean) -> 1x1 convs -> sigmoid.
-    node.DGQP_TOPK = 4
-    node.DGQP_ADD_MEAN = True
-    node.DGQP_CHANNELS = 64
-    node.PRIOR_PROB = 0.01
+    node.DGQP_TOPK = head["dgqp_topk"]
+    node.DGQP_ADD_MEAN = head["dgqp_add_mean"]
+    node.DGQP_CHANNELS = head["dgqp_channels"]
+    node.PRIOR_PROB = head["prior_prob"]
     # SALT operator on/off. Off gives a plain GFLV2-style head (same towers, losses, quality).
-    node.SALT_ON = True
+    node.SALT_ON = head["salt_on"]
     # Backend of every deformable conv (SALT, "dcnx" towers, DCN backbone stages):
     # "auto" (gather on CPU tensors, torchvision on CUDA tensors), "gather", "torchvision",
     # "triton" or "detectron2" (needs detectron2's compiled ops); see saltnet.layers.deform_conv.
-    node.DEFORM_BACKEND = "auto"
+    node.DEFORM_BACKEND = head["deform_backend"]
     # ATSS: top-k closest anchors per level; square anchors of side ANCHOR_SCALE x stride.
-    node.ATSS_TOPK = 9
-    node.ANCHOR_SCALE = 8.0
+    node.ATSS_TOPK = detector["atss_topk"]
+    node.ANCHOR_SCALE = detector["anchor_scale"]
     # Loss weights.
-    node.QFL_BETA = 2.0
-    node.LOSS_QFL_WEIGHT = 1.0
-    node.LOSS_GIOU_WEIGHT = 2.0
-    node.LOSS_DFL_WEIGHT = 0.25
-    node.LOSS_COARSE_WEIGHT = 1.0
+    node.QFL_BETA = detector["qfl_beta"]
+    node.LOSS_QFL_WEIGHT = detector["loss_qfl_weight"]
+    node.LOSS_GIOU_WEIGHT = detector["loss_giou_weight"]
+    node.LOSS_DFL_WEIGHT = detector["loss_dfl_weight"]
+    node.LOSS_COARSE_WEIGHT = detector["loss_coarse_weight"]
     # Supervision of the coarse box (SALT_ON only), with the self-distillation regression (SDR):
     #   "none":    no direct loss on the coarse box,
     #   "gt":      GIoU against the ground truth (what the authors' release trains; the default),
     #   "distill": GIoU against the refined box (detached), weighted by the refined box's IoU,
     #   "both":    "gt" + "distill" ("distill" and "both" are this project's extensions).
-    node.SDR_MODE = "gt"
-    node.SDR_WEIGHT = 1.0
+    node.SDR_MODE = detector["sdr_mode"]
+    node.SDR_WEIGHT = detector["sdr_weight"]
     # Inference.
-    node.TOPK_CANDIDATES_TEST = 1000
-    node.SCORE_THRESH_TEST = 0.05
-    node.NMS_THRESH_TEST = 0.6
+    node.TOPK_CANDIDATES_TEST = detector["test_topk_candidates"]
+    node.SCORE_THRESH_TEST = detector["test_score_thresh"]
+    node.NMS_THRESH_TEST = detector["test_nms_thresh"]
     # How images are resized: "pil" (detectron2's) or "opencv" (the release's: cv2 bilinear
     # and mmcv's size rounding; use it to evaluate converted release checkpoints).
     cfg.INPUT.RESIZE_BACKEND = "pil"
@@ -102,6 +122,8 @@ def add_saltnet_config(cfg):
     cfg.MODEL.RETINANET.SALT_ON = True
     cfg.MODEL.RETINANET.SALT_NORM = "GN"
     cfg.MODEL.RETINANET.SALT_COARSE_LOSS_WEIGHT = 1.0
+    # The autocast dtype of AMP training (SOLVER.AMP.ENABLED): "float16" or "bfloat16".
+    cfg.SOLVER.AMP.PRECISION = "float16"
     return cfg
 
 

@@ -3,7 +3,7 @@
 The YAML files are walked here (unknown keys, wrong types, named with their file or the command
 line); the merge itself is yacs'. ``SDR_MODE``, ``IN_FEATURES`` and ``DEFORM_BACKEND`` are checked
 once, where the model is built (so for LazyConfigs too); the class count against the training
-datasets with the data policy (:func:`saltnet.data.sanitize.check_num_classes`).
+datasets by the training loader (:func:`saltnet.data.loader.load_train_dataset_dicts`).
 """
 
 import difflib
@@ -11,14 +11,23 @@ import os
 from functools import reduce
 from typing import Dict, Iterator, Optional, Sequence, Tuple
 
+import torch
 import yaml
 from detectron2.config import CfgNode
 from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
 from detectron2.utils.file_io import PathManager
 
 from . import modeling  # noqa: F401  (registers SALT-Net's meta-architecture and backbones)
+from .data.loader import num_classes_of
 
-__all__ = ["ConfigError", "UnknownConfigKeyError", "check_config", "merge_config"]
+__all__ = [
+    "AMP_PRECISIONS",
+    "ConfigError",
+    "UnknownConfigKeyError",
+    "amp_precision",
+    "check_config",
+    "merge_config",
+]
 
 
 class ConfigError(ValueError):
@@ -120,24 +129,27 @@ def _unknown_key_error(cfg: CfgNode, key: str, source: str) -> UnknownConfigKeyE
     return UnknownConfigKeyError(message, key, source, suggestions)
 
 
-# Where each YAML-built meta-architecture of this project keeps its class count.
-NUM_CLASSES_KEYS = {
-    "SALTNet": "MODEL.SALTNET.NUM_CLASSES",
-    "SALTRetinaNet": "MODEL.RETINANET.NUM_CLASSES",
-    "RetinaNet": "MODEL.RETINANET.NUM_CLASSES",
-}
+# The autocast dtypes of SOLVER.AMP.PRECISION (YAML) and train.amp.precision (LazyConfig):
+# bfloat16 needs a GPU with bf16 support (Ampere or newer), float16 runs on older ones too.
+AMP_PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def num_classes_of(cfg: CfgNode) -> Optional[Tuple[str, int]]:
-    """(key, value) of the model's class count (``NUM_CLASSES_KEYS``), None if not known."""
-    key = NUM_CLASSES_KEYS.get(cfg.MODEL.META_ARCHITECTURE)
-    return (key, reduce(getattr, key.split("."), cfg)) if key else None
+def amp_precision(name: str) -> torch.dtype:
+    """The dtype of an AMP precision name; :class:`ConfigError` for another."""
+    if name not in AMP_PRECISIONS:
+        raise ConfigError(
+            f"The AMP precision (SOLVER.AMP.PRECISION, train.amp.precision of a LazyConfig) "
+            f"is {name!r}, which is not one of the valid choices: "
+            f"{', '.join(AMP_PRECISIONS)}."
+        )
+    return AMP_PRECISIONS[name]
 
 
 def check_config(cfg: CfgNode) -> CfgNode:
     """Check ``MODEL.META_ARCHITECTURE`` and ``MODEL.BACKBONE.NAME`` against detectron2's
-    registries, and ``SOLVER.IMS_PER_BATCH`` and the class count (:func:`num_classes_of`)
-    >= 1; return ``cfg``. Raises :class:`ConfigError` with one line per problem."""
+    registries, ``SOLVER.AMP.PRECISION`` against :data:`AMP_PRECISIONS`, and
+    ``SOLVER.IMS_PER_BATCH`` and the class count (:func:`num_classes_of`) >= 1; return ``cfg``.
+    Raises :class:`ConfigError` with one line per problem."""
     problems = []
     for key, value, registry in (
         ("MODEL.META_ARCHITECTURE", cfg.MODEL.META_ARCHITECTURE, META_ARCH_REGISTRY),
@@ -150,6 +162,10 @@ def check_config(cfg: CfgNode) -> CfgNode:
                 f"{key} is {value!r}, which is not one of the valid choices: {', '.join(choices)}."
                 + (f" Did you mean: {', '.join(close)}?" if close else "")
             )
+    try:
+        amp_precision(cfg.SOLVER.AMP.PRECISION)
+    except ConfigError as e:
+        problems.append(str(e))
     counts = [("SOLVER.IMS_PER_BATCH", cfg.SOLVER.IMS_PER_BATCH)]
     if num_classes_of(cfg):
         counts.append(num_classes_of(cfg))

@@ -1,6 +1,7 @@
 """The :class:`DefaultTrainer` of SALT-Net, shared by ``train_net.py`` and
 ``tools/demo_job.py``."""
 
+import contextlib
 import logging
 import math
 import os
@@ -9,22 +10,22 @@ from typing import Mapping, Optional
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
-from detectron2.engine.defaults import create_ddp_model
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer
+from detectron2.engine import defaults as d2_defaults
+from detectron2.engine import hooks
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
 
 from .checkpoint import AtomicCheckpointer
-from .config_checks import num_classes_of
-from .data.loader import build_saltnet_test_loader, build_saltnet_train_loader
+from .config_checks import amp_precision
+from .data.loader import SeededMapDataset, build_saltnet_test_loader, build_saltnet_train_loader
 from .data.sampler import ResumableBatchSampler
-from .data.sanitize import check_num_classes
 
 __all__ = [
     "SALTNetAMPTrainer",
     "SALTNetSimpleTrainer",
     "SALTNetTrainer",
+    "build_trainer",
     "ddp_device_ids",
 ]
 
@@ -35,6 +36,21 @@ def ddp_device_ids(model: torch.nn.Module) -> Optional[list]:
     them)."""
     on_cuda = next(model.parameters()).device.type == "cuda"
     return [comm.get_local_rank()] if on_cuda else None
+
+
+@contextlib.contextmanager
+def _ddp_device_ids_of_the_model():
+    """Within this context, ``create_ddp_model`` (called by DefaultTrainer.__init__ without
+    device ids, so it would pass this process's GPU, which DDP rejects for a CPU model) passes
+    :func:`ddp_device_ids`."""
+    create_ddp_model = d2_defaults.create_ddp_model
+    d2_defaults.create_ddp_model = lambda model, **kwargs: create_ddp_model(
+        model, device_ids=ddp_device_ids(model), **kwargs
+    )
+    try:
+        yield
+    finally:
+        d2_defaults.create_ddp_model = create_ddp_model
 
 
 class _NamedNonFiniteLoss:
@@ -74,12 +90,29 @@ class SALTNetAMPTrainer(_NamedNonFiniteLoss, AMPTrainer):
     the non-finite loss message of ``_NamedNonFiniteLoss``."""
 
 
+def build_trainer(
+    model, data_loader, optimizer, amp: bool = False, precision: str = "float16"
+) -> SimpleTrainer:
+    """The training loop: :class:`SALTNetAMPTrainer` autocasting to ``precision``
+    (``"float16"`` or ``"bfloat16"``) if ``amp``, else :class:`SALTNetSimpleTrainer`.
+    Raises :class:`ConfigError` for another precision."""
+    if not amp:
+        return SALTNetSimpleTrainer(model, data_loader, optimizer)
+    return SALTNetAMPTrainer(model, data_loader, optimizer, precision=amp_precision(precision))
+
+
+def _log_unreadable(dataset: SeededMapDataset) -> None:
+    if dataset.unreadable_files():
+        logging.getLogger(__name__).warning(dataset.unreadable_summary())
+
+
 class SALTNetTrainer(DefaultTrainer):
     """detectron2's :class:`DefaultTrainer` (SGD, warm-up + multi-step LR, periodic checkpoints,
     evaluation, CommonMetricPrinter with ETA, TensorBoard and JSON event files) with:
 
     - the data loaders of :mod:`saltnet.data.loader` (box policy, robust image reading, exact
-      resume: the sampler's seed is checkpointed and it skips to the resumed iteration);
+      resume: the sampler's seed is checkpointed and it skips to the resumed iteration), and
+      the count of unreadable images skipped, logged when training ends;
     - :class:`COCOEvaluator` (box AP) for every test dataset;
     - atomic checkpoint writes (:class:`AtomicCheckpointer`);
     - DistributedDataParallel on CPU processes too (gloo);
@@ -87,29 +120,29 @@ class SALTNetTrainer(DefaultTrainer):
     """
 
     def __init__(self, cfg: CfgNode):
-        # DefaultTrainer.__init__, except for the DDP device ids, the trainer classes and the
-        # checkpointer (it cannot be configured there).
-        TrainerBase.__init__(self)
-        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
-            setup_logger()
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
-        model = self.build_model(cfg)
-        optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
-        model = create_ddp_model(model, broadcast_buffers=False, device_ids=ddp_device_ids(model))
-        trainer_cls = SALTNetAMPTrainer if cfg.SOLVER.AMP.ENABLED else SALTNetSimpleTrainer
-        self._trainer = trainer_cls(model, data_loader, optimizer)
-        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        sampler = getattr(data_loader, "batch_sampler", None)
+        with _ddp_device_ids_of_the_model():
+            super().__init__(cfg)
+        # What DefaultTrainer.__init__ cannot be told: our trainer classes and AMP precision
+        # (on the parts it built), and the checkpointer (replaced in build_hooks).
+        old = self._trainer
+        amp = self.cfg.SOLVER.AMP
+        self._trainer = build_trainer(
+            old.model, old.data_loader, old.optimizer, amp.ENABLED, amp.PRECISION
+        )
+
+    def build_hooks(self):
+        # The last step of DefaultTrainer.__init__: the checkpointer exists, its hook does not.
+        sampler = getattr(self._trainer.data_loader, "batch_sampler", None)
         self.train_sampler = sampler if isinstance(sampler, ResumableBatchSampler) else None
         extra = {"train_sampler": self.train_sampler} if self.train_sampler else {}
         self.checkpointer = AtomicCheckpointer(
-            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self), **extra
+            self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self), **extra
         )
-        self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
-        self.cfg = cfg
-        self.register_hooks(self.build_hooks())
+        ret = super().build_hooks()
+        dataset = getattr(self._trainer.data_loader, "dataset", None)
+        if isinstance(dataset, SeededMapDataset):
+            ret.append(hooks.CallbackHook(after_train=lambda _: _log_unreadable(dataset)))
+        return ret
 
     def resume_or_load(self, resume: bool = True) -> None:
         super().resume_or_load(resume=resume)
@@ -118,11 +151,7 @@ class SALTNetTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        loader = build_saltnet_train_loader(cfg)
-        if num_classes_of(cfg):  # after loading: COCO sets the classes then
-            key, num_classes = num_classes_of(cfg)
-            check_num_classes(num_classes, cfg.DATASETS.TRAIN, key)
-        return loader
+        return build_saltnet_train_loader(cfg)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

@@ -100,7 +100,7 @@ class SALTHead(nn.Module):
         dgqp_channels: int = 64,
         prior_prob: float = 0.01,
         salt_on: bool = True,
-        deform_backend: Optional[str] = None,
+        deform_backend: Optional[str] = "auto",
     ):
         super().__init__()
         channels = {s.channels for s in input_shape}
