@@ -8,9 +8,16 @@ and point sets. With ``salt_on=False`` a head *is* detectron2's (same modules, s
 same outputs) and the detectors equal detectron2's ``RetinaNet`` / ``FCOS``.
 
 The detectors add one loss, ``loss_salt_coarse``: 1 - GIoU of the coarse box (decoded around the
-anchor's centre) against the matched ground truth, summed over the detector's own positives
-(RetinaNet: every positive anchor; FCOS: every positive point), divided by the detector's own box
-loss normaliser (its EMA of the positive count), times ``loss_coarse_weight``.
+anchor's centre) against the matched ground truth over the detector's own positives, times
+``loss_coarse_weight``:
+
+* FCOS, as the authors' release (``fcos_arm.py``, ``loss_bbox_init``): each positive point
+  weighted by its centerness target, the sum divided by the sum of those targets (this worker's
+  batch, as the release: it does not average them over workers); weight 0.5.
+* RetinaNet: every positive anchor weighted 1, divided by RetinaNet's own box-loss normaliser
+  (its EMA of the positive count); weight 1.0. The release's ``retina_arm.py`` puts an L1 loss
+  between the raw coarse distances and the anchors' encoded deltas, which cannot run with
+  RetinaNet's 9 anchors per location (one coarse box per location, one target per anchor).
 
 Units: the coarse distances and the points are in stride units of their level, from the anchor
 centre of the location, the point the detector's own box deltas are decoded around (detectron2's
@@ -134,7 +141,7 @@ class _SALTPlugin(PointSetOutputs):
     def coarse_loss(self, anchors: List[Boxes], coarse, gt_labels, gt_boxes) -> torch.Tensor:
         """``loss_salt_coarse`` (module doc), float32. ``coarse``: per level (N, 4, Hi, Wi);
         ``gt_labels`` / ``gt_boxes``: per image (R,) / (R, 4) as ``label_anchors`` gives them,
-        R = sum of Hi x Wi x A. Call after ``losses`` (it updates the normaliser)."""
+        R = sum of Hi x Wi x A."""
         num_anchors = self.anchor_generator.num_cell_anchors[0]
         coarse = cat([permute_to_N_HWA_K(c, 4) for c in coarse], dim=1).float()
         coarse = coarse.repeat_interleave(num_anchors, dim=1)  # (N, R, 4): A per location
@@ -142,9 +149,14 @@ class _SALTPlugin(PointSetOutputs):
         boxes = distances_to_boxes(centers, coarse * strides[:, None])
         gt_labels = torch.stack(gt_labels)
         positive = (gt_labels >= 0) & (gt_labels != self.num_classes)
+        weights, normalizer = self._coarse_weights(anchors, gt_boxes, positive)
         loss = giou_loss(boxes, torch.stack(gt_boxes).float())
-        loss = torch.where(positive, loss, torch.zeros_like(loss)).sum()
-        return self.loss_coarse_weight * loss / self.loss_normalizer
+        loss = torch.where(positive, loss * weights, torch.zeros_like(loss)).sum()
+        return self.loss_coarse_weight * loss / normalizer
+
+    def _coarse_weights(self, anchors, gt_boxes, positive: torch.Tensor):
+        """(weights (N, R) of each anchor's coarse loss, read at positives; the normaliser)."""
+        raise NotImplementedError
 
     def forward_inference(self, images, features, predictions):
         predictions, salt = self._split_predictions(predictions)
@@ -213,6 +225,10 @@ class SALTRetinaNet(_SALTPlugin, RetinaNet):
         ret["loss_coarse_weight"] = cfg.MODEL.RETINANET.SALT_COARSE_LOSS_WEIGHT
         return ret
 
+    def _coarse_weights(self, anchors, gt_boxes, positive):
+        """Every positive 1, over the EMA of the positive count that ``losses`` updates."""
+        return positive.float(), self.loss_normalizer
+
     def forward_training(self, images, features, predictions, gt_instances):
         predictions, salt = self._split_predictions(predictions)
         if salt is None:
@@ -234,9 +250,16 @@ class SALTFCOS(_SALTPlugin, FCOS):
 
     _num_groups = 3
 
-    def __init__(self, *, loss_coarse_weight: float = 1.0, **kwargs):
+    def __init__(self, *, loss_coarse_weight: float = 0.5, **kwargs):
         super().__init__(**kwargs)
         self.loss_coarse_weight = loss_coarse_weight
+
+    def _coarse_weights(self, anchors, gt_boxes, positive):
+        """Each positive's centerness target (detectron2's ``compute_ctrness_targets``), over
+        their sum in this batch (0 without positives)."""
+        centerness = self.compute_ctrness_targets(anchors, gt_boxes)
+        centerness = torch.where(positive, centerness, torch.zeros_like(centerness))
+        return centerness, centerness.sum().clamp(min=torch.finfo(torch.float32).tiny)
 
     def forward_training(self, images, features, predictions, gt_instances):
         predictions, salt = self._split_predictions(predictions)
