@@ -143,9 +143,10 @@ def test_salt_on_outputs_losses_and_gradients(name, num_anchors):
     model = instantiate(plugin(small_lazy_model(name), salt_on=True))
     features = [torch.randn(2, CHANNELS, 12 // 2**i + 1, 16 // 2**i + 1) for i in range(5)]
     outputs = model.head(features)
-    assert len(outputs) == model._num_groups + 3
-    logits, deltas, *_, coarse, reg_points, cls_points = outputs
-    for x, lg, dl, c, rp, cp in zip(features, logits, deltas, coarse, reg_points, cls_points):
+    assert len(outputs.base) == {"fcos": 3, "retinanet": 2}[name]
+    logits, deltas = outputs.base[:2]
+    per_level = zip(features, logits, deltas, *outputs[1:])
+    for x, lg, dl, c, rp, cp in per_level:
         n, _, h, w = x.shape
         assert lg.shape == (n, num_anchors * NUM_CLASSES, h, w)
         assert dl.shape == (n, num_anchors * 4, h, w)

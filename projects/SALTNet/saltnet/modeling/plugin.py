@@ -25,7 +25,7 @@ RetinaNet: ``(j, i) x stride``; its FCOS: ``(j + 0.5, i + 0.5) x stride``).
 """
 
 import logging
-from typing import List, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -43,21 +43,36 @@ from .meta_arch import anchor_points
 from .point_sets import PointSetOutputs
 from .salt import SALTOperator, SALTOutput, normal_init_
 
-__all__ = ["SALTFCOS", "SALTFCOSHead", "SALTRetinaNet", "SALTRetinaNetHead"]
+__all__ = [
+    "PluginHeadOutputs",
+    "SALTFCOS",
+    "SALTFCOSHead",
+    "SALTRetinaNet",
+    "SALTRetinaNetHead",
+]
 
 logger = logging.getLogger(__name__)
 
-# The head's SALT outputs, after detectron2's own prediction groups.
-_SALT_GROUPS = ("coarse", "reg_points", "cls_points")
+
+class PluginHeadOutputs(NamedTuple):
+    """What a plug-in head returns with SALT on: per-level lists, level i of N images and
+    Hi x Wi locations (A anchors each)."""
+
+    # detectron2's head's groups: logits (N, A x K, Hi, Wi), deltas (N, A x 4, Hi, Wi) and, for
+    # FCOS, centerness logits (N, 1, Hi, Wi).
+    base: Tuple[List[torch.Tensor], ...]
+    # (N, 4, Hi, Wi) float32 coarse (left, top, right, bottom), stride units.
+    coarse: List[torch.Tensor]
+    # (N, 18, Hi, Wi) nine (y, x) regression / classification points, stride units.
+    reg_points: List[torch.Tensor]
+    cls_points: List[torch.Tensor]
 
 
 class SALTRetinaNetHead(RetinaNetHead):
     """detectron2's :class:`RetinaNetHead`, with the SALT operator if ``salt_on``.
 
-    ``forward(features)`` returns detectron2's lists (logits (N, A x K, Hi, Wi), deltas
-    (N, A x 4, Hi, Wi)) and, with SALT, three more per-level lists: ``coarse`` (N, 4, Hi, Wi)
-    float32 (left, top, right, bottom) and ``reg_points`` / ``cls_points`` (N, 18, Hi, Wi) nine
-    (y, x) points, all in stride units from the anchor centre.
+    ``forward(features)`` returns detectron2's lists (logits, deltas) without SALT, a
+    :class:`PluginHeadOutputs` with it.
 
     Args (besides :class:`RetinaNetHead`'s):
         salt_on: add the SALT operator (needs ``conv_dims[-1]`` = the input channels, for its
@@ -108,7 +123,8 @@ class SALTRetinaNetHead(RetinaNetHead):
             self.salt(self.cls_subnet(x), self.bbox_subnet(x), x, level)
             for level, x in enumerate(features)
         ]
-        return (*self.predict(salt), *([getattr(s, g) for s in salt] for g in _SALT_GROUPS))
+        groups = ([getattr(s, g) for s in salt] for g in PluginHeadOutputs._fields[1:])
+        return PluginHeadOutputs(self.predict(salt), *groups)
 
     def predict(self, salt: List[SALTOutput]):
         """detectron2's predictors on the SALT-sampled features, per level: (logits, deltas)."""
@@ -130,13 +146,12 @@ class _SALTPlugin(PointSetOutputs):
     loss, where each detection was decoded (``pred_levels``, ``pred_locations``), and the point
     sets (``output_point_sets``, see :class:`PointSetOutputs`)."""
 
-    # detectron2's prediction groups of the detector: (logits, deltas[, centerness]).
-    _num_groups: int
-
-    def _split_predictions(self, predictions):
-        """(detectron2's prediction groups, SALT's (coarse, reg_points, cls_points) or None)."""
-        base, salt = predictions[: self._num_groups], predictions[self._num_groups :]
-        return base, (salt or None)
+    @staticmethod
+    def _split_predictions(predictions):
+        """(detectron2's prediction groups, the :class:`PluginHeadOutputs` or None)."""
+        if isinstance(predictions, PluginHeadOutputs):
+            return predictions.base, predictions
+        return predictions, None
 
     def coarse_loss(self, anchors: List[Boxes], coarse, gt_labels, gt_boxes) -> torch.Tensor:
         """``loss_salt_coarse`` (module doc), float32. ``coarse``: per level (N, 4, Hi, Wi);
@@ -164,7 +179,7 @@ class _SALTPlugin(PointSetOutputs):
         if self.output_point_sets:
             num_anchors = self.anchor_generator.num_cell_anchors[0]
             centers = [a.get_centers()[::num_anchors] for a in self.anchor_generator(features)]
-            point_sets = salt[1:] if salt else (None, None)
+            point_sets = (salt.reg_points, salt.cls_points) if salt else (None, None)
             self.attach_point_sets(results, point_sets, centers, self.anchor_generator.strides)
         return results
 
@@ -208,8 +223,6 @@ class SALTRetinaNet(_SALTPlugin, RetinaNet):
     and ``MODEL.RETINANET.SALT_ON`` / ``SALT_NORM`` / ``SALT_COARSE_LOSS_WEIGHT``.
     """
 
-    _num_groups = 2
-
     @configurable
     def __init__(self, *, loss_coarse_weight: float = 1.0, **kwargs):
         super().__init__(**kwargs)
@@ -239,7 +252,7 @@ class SALTRetinaNet(_SALTPlugin, RetinaNet):
         anchors = self.anchor_generator(features)
         gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
         losses = self.losses(anchors, pred_logits, gt_labels, pred_deltas, gt_boxes)
-        losses["loss_salt_coarse"] = self.coarse_loss(anchors, salt[0], gt_labels, gt_boxes)
+        losses["loss_salt_coarse"] = self.coarse_loss(anchors, salt.coarse, gt_labels, gt_boxes)
         return losses
 
 
@@ -247,8 +260,6 @@ class SALTRetinaNet(_SALTPlugin, RetinaNet):
 class SALTFCOS(_SALTPlugin, FCOS):
     """detectron2's :class:`FCOS` with a :class:`SALTFCOSHead` (module doc); LazyConfig only,
     as detectron2's FCOS (``configs/plugin/fcos_R_50_FPN_1x_salt.py``)."""
-
-    _num_groups = 3
 
     def __init__(self, *, loss_coarse_weight: float = 0.5, **kwargs):
         super().__init__(**kwargs)
@@ -273,5 +284,5 @@ class SALTFCOS(_SALTPlugin, FCOS):
         losses = self.losses(
             anchors, pred_logits, gt_labels, pred_deltas, gt_boxes, pred_centerness
         )
-        losses["loss_salt_coarse"] = self.coarse_loss(anchors, salt[0], gt_labels, gt_boxes)
+        losses["loss_salt_coarse"] = self.coarse_loss(anchors, salt.coarse, gt_labels, gt_boxes)
         return losses
