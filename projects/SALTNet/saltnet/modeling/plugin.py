@@ -183,36 +183,54 @@ class _SALTPlugin(PointSetOutputs):
             self.attach_point_sets(results, point_sets, centers, self.anchor_generator.strides)
         return results
 
+    def forward_training(self, images, features, predictions, gt_instances):
+        predictions, salt = self._split_predictions(predictions)
+        if salt is None:
+            return super().forward_training(images, features, predictions, gt_instances)
+        # Channels per anchor of detectron2's groups: logits, deltas[, FCOS's centerness].
+        dims = [self.num_classes, 4, 1][: len(predictions)]
+        pred_logits, pred_deltas, *centerness = self._transpose_dense_predictions(predictions, dims)
+        anchors = self.anchor_generator(features)
+        gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
+        return self.losses(
+            anchors, pred_logits, gt_labels, pred_deltas, gt_boxes, *centerness, coarse=salt.coarse
+        )
+
+    def losses(self, anchors, pred_logits, gt_labels, pred_deltas, gt_boxes, *rest, coarse=None):
+        """detectron2's losses (``rest``: FCOS's centerness) and, given ``coarse`` (the head's),
+        ``loss_salt_coarse``, computed after them (RetinaNet's reads the normaliser they update)."""
+        losses = super().losses(anchors, pred_logits, gt_labels, pred_deltas, gt_boxes, *rest)
+        if coarse is not None:
+            losses["loss_salt_coarse"] = self.coarse_loss(anchors, coarse, gt_labels, gt_boxes)
+        return losses
+
     def _decode_multi_level_predictions(
         self, anchors, pred_scores, pred_deltas, score_thresh, topk_candidates, image_size
     ) -> Instances:
-        """detectron2's decode (per level: the (anchor, class) pairs scoring above
-        ``score_thresh``, the ``topk_candidates`` best of them), each detection also recording
-        ``pred_levels`` and ``pred_locations`` (its anchor's location, row x Wi + column).
-        Per level: anchors (Ri x A) Boxes, pred_scores (Ri x A, K), pred_deltas (Ri x A, 4)."""
-        num_anchors = self.anchor_generator.num_cell_anchors[0]
-        per_level = []
-        for level, (anchors_i, scores_i, deltas_i) in enumerate(
-            zip(anchors, pred_scores, pred_deltas)
-        ):
-            keep = scores_i > score_thresh
-            scores, pairs = scores_i[keep], keep.nonzero()
-            scores, top = scores.topk(min(len(pairs), topk_candidates))
-            anchor_idx, class_idx = pairs[top].unbind(dim=1)
-            boxes = self.box2box_transform.apply_deltas(
-                deltas_i[anchor_idx], anchors_i.tensor[anchor_idx]
-            )
-            per_level.append(
-                Instances(
-                    image_size,
-                    pred_boxes=Boxes(boxes),
-                    scores=scores,
-                    pred_classes=class_idx,
-                    pred_levels=torch.full_like(class_idx, level),
-                    pred_locations=anchor_idx // num_anchors,
-                )
-            )
-        return Instances.cat(per_level)
+        """detectron2's decoding, each detection also recording where it was decoded:
+        ``pred_levels`` and ``pred_locations`` (row x Wi + column), see :meth:`_decoded_at`."""
+        decode = super()._decode_multi_level_predictions
+        pred = decode(anchors, pred_scores, pred_deltas, score_thresh, topk_candidates, image_size)
+        at = self._decoded_at(pred_scores, score_thresh, topk_candidates, image_size)
+        pred.pred_levels, pred.pred_locations = at
+        return pred
+
+    def _decoded_at(self, pred_scores, score_thresh, topk_candidates, image_size):
+        """(level, location) of each detection that detectron2's decoding keeps from
+        ``pred_scores`` (per level (Hi x Wi x A, K)): the same decoding of the same scores, on
+        zero-size boxes at (x, y) = (anchor index, level) and zero deltas, which RetinaNet's and
+        FCOS's box transforms decode to those boxes exactly."""
+        index_boxes, zeros = [], []
+        for level, scores in enumerate(pred_scores):
+            index = torch.arange(len(scores), device=scores.device, dtype=torch.float32)
+            at_level = torch.full_like(index, level)
+            index_boxes.append(Boxes(torch.stack([index, at_level, index, at_level], dim=1)))
+            zeros.append(index.new_zeros(len(index), 4))
+        decoded = super()._decode_multi_level_predictions(
+            index_boxes, pred_scores, zeros, score_thresh, topk_candidates, image_size
+        )
+        anchor_index, level = decoded.pred_boxes.tensor[:, :2].long().unbind(dim=1)
+        return level, anchor_index // self.anchor_generator.num_cell_anchors[0]
 
 
 @META_ARCH_REGISTRY.register()
@@ -242,19 +260,6 @@ class SALTRetinaNet(_SALTPlugin, RetinaNet):
         """Every positive 1, over the EMA of the positive count that ``losses`` updates."""
         return positive.float(), self.loss_normalizer
 
-    def forward_training(self, images, features, predictions, gt_instances):
-        predictions, salt = self._split_predictions(predictions)
-        if salt is None:
-            return super().forward_training(images, features, predictions, gt_instances)
-        pred_logits, pred_deltas = self._transpose_dense_predictions(
-            predictions, [self.num_classes, 4]
-        )
-        anchors = self.anchor_generator(features)
-        gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
-        losses = self.losses(anchors, pred_logits, gt_labels, pred_deltas, gt_boxes)
-        losses["loss_salt_coarse"] = self.coarse_loss(anchors, salt.coarse, gt_labels, gt_boxes)
-        return losses
-
 
 @META_ARCH_REGISTRY.register()
 class SALTFCOS(_SALTPlugin, FCOS):
@@ -271,18 +276,3 @@ class SALTFCOS(_SALTPlugin, FCOS):
         centerness = self.compute_ctrness_targets(anchors, gt_boxes)
         centerness = torch.where(positive, centerness, torch.zeros_like(centerness))
         return centerness, centerness.sum().clamp(min=torch.finfo(torch.float32).tiny)
-
-    def forward_training(self, images, features, predictions, gt_instances):
-        predictions, salt = self._split_predictions(predictions)
-        if salt is None:
-            return super().forward_training(images, features, predictions, gt_instances)
-        pred_logits, pred_deltas, pred_centerness = self._transpose_dense_predictions(
-            predictions, [self.num_classes, 4, 1]
-        )
-        anchors = self.anchor_generator(features)
-        gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
-        losses = self.losses(
-            anchors, pred_logits, gt_labels, pred_deltas, gt_boxes, pred_centerness
-        )
-        losses["loss_salt_coarse"] = self.coarse_loss(anchors, salt.coarse, gt_labels, gt_boxes)
-        return losses
