@@ -108,9 +108,15 @@ class SALTNet(PointSetOutputs, DenseDetector):
         pixel_mean,
         pixel_std,
         input_format: str = "BGR",
+        output_point_sets: bool = False,
     ):
         super().__init__(
-            backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std
+            backbone,
+            head,
+            head_in_features,
+            pixel_mean=pixel_mean,
+            pixel_std=pixel_std,
+            output_point_sets=output_point_sets,
         )
         if sdr_mode not in SDR_MODES:
             raise ValueError(f"Unknown SDR mode {sdr_mode!r}; choose one of {SDR_MODES}.")
