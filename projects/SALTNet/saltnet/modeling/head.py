@@ -38,20 +38,6 @@ class HeadOutputs(NamedTuple):
     cls_points: Optional[List[torch.Tensor]] = None
 
 
-# The SALT operator's modules, held directly by the head (``head.coarse_conv.*``) in checkpoints
-# written before it became a module of its own (``head.salt.coarse_conv.*``).
-_SALT_MODULES = (
-    "coarse_conv",
-    "coarse_pred",
-    "point_factor_pred",
-    "coarse_scales",
-    "reg_dcn",
-    "cls_point_conv",
-    "cls_point_scale_pred",
-    "cls_dcn",
-)
-
-
 class _ModulatedDeformTowerConv(nn.Module):
     """A modulated deformable conv3x3 (+ norm, ReLU) driven by its own offset/mask conv3x3.
 
@@ -187,13 +173,6 @@ class SALTHead(nn.Module):
         quality = self.quality(self._distribution_statistics(box_logits).to(x.dtype)).sigmoid()
         scores = self.cls_score(cls_feat).float().sigmoid() * quality.float()
         return (scores, box_logits, *salt)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for key in [k for k in state_dict if k.startswith(prefix)]:
-            name = key[len(prefix) :]
-            if name.split(".", 1)[0] in _SALT_MODULES:  # an older checkpoint's name
-                state_dict[prefix + "salt." + name] = state_dict.pop(key)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _distribution_statistics(self, box_logits: torch.Tensor) -> torch.Tensor:
         """(N, 4 x (reg_max + 1), H, W) logits -> (N, 4 x (topk [+ 1]), H, W) DGQP input."""
