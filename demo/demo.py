@@ -32,6 +32,7 @@ from saltnet.data import register_datasets_from_cfg, register_datasets_from_lazy
 from saltnet.data.image_io import read_image
 from saltnet.data.register import lazy_dataset_names
 from saltnet.lazy_overrides import check_lazy_overrides
+from saltnet.predictor import Predictor
 from saltnet.visualize import SALTVisualizationDemo
 
 WINDOW_NAME = "SALT-Net detections"
@@ -196,7 +197,8 @@ def main(args):
         raise ValueError("Give --input, --video-input or --webcam.")
     cfg = setup_cfg(args)
     metadata = test_metadata(cfg)
-    demo = SALTVisualizationDemo(cfg, metadata, args.show_points, args.num_point_instances)
+    predictor = Predictor.from_config(cfg, output_point_sets=args.show_points)
+    demo = SALTVisualizationDemo(predictor, metadata, args.num_point_instances)
     # The confidence threshold is the model's score threshold (SALT-Net, RetinaNet and FCOS alike).
     demo.predictor.model.test_score_thresh = args.confidence_threshold
     if args.input:

@@ -262,6 +262,48 @@ def test_state_dict_moves_between_detectron2_and_saltnet(ours_cls, name, kwargs)
         assert torch.equal(back.state_dict()[key], value)
 
 
+@pytest.mark.parametrize("error", [RuntimeError, ValueError])
+def test_wrong_offset_or_mask_raises_what_detectron2_raises(error):
+    """detectron2's kernels raise RuntimeError for wrong channel counts, its Python ValueError
+    for wrong ranks: code catching either catches ours."""
+    layer = ModulatedDeformConv(4, 6, 3, padding=1)
+    x, offset, mask = torch.zeros(1, 4, 5, 5), torch.zeros(1, 18, 5, 5), torch.zeros(1, 9, 5, 5)
+    with pytest.raises(error, match=r"expects offset \(N, 18"):
+        layer(x, offset[:, :9], mask)
+    with pytest.raises(error, match=r"expects mask \(N, 9"):
+        layer(x, offset, mask[:, :3])
+    with pytest.raises(error, match=r"expects input \(N, 4"):
+        layer(x[0], offset, mask)
+
+
+def test_bias_defaults_are_detectron2s():
+    assert DeformConv(4, 6, 3).bias is None and DeformConv(4, 6, 3, bias=True).bias is not None
+    assert ModulatedDeformConv(4, 6, 3).bias.shape == (6,)
+    assert ModulatedDeformConv(4, 6, 3, 1, 1, 1, 1, 1, False).bias is None  # positional, too
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_detectron2_backend_runs_reduced_precision_in_float32(monkeypatch, dtype):
+    """The layer's dispatch hands detectron2's kernel (float32 only) float32 tensors and returns
+    the input's dtype, as for the other backends. The kernel itself needs CUDA and
+    detectron2._C: here torchvision's stands in for it, recording what it is given."""
+    given = []
+
+    def kernel(x, offset, mask, weight, bias, stride, padding, dilation, groups, dg):
+        given.extend(t.dtype for t in (x, offset, mask, weight, bias))
+        return deform_conv2d(x, offset, weight, bias, stride, padding, dilation, mask)
+
+    monkeypatch.setattr(deform_conv_module, "_detectron2_deform_conv", kernel)
+    layer, x, offset, mask = make_case(True, dtype=torch.float, backend="torchvision")
+    x, offset, mask = x.to(dtype), offset.to(dtype), mask.to(dtype)
+    expected = run_reference(layer, x.float(), offset.float(), mask.float())
+    layer.backend = "detectron2"
+    out = layer(x, offset, mask)
+    assert given == [torch.float32] * 5
+    assert out.dtype == dtype
+    assert (out.float() - expected).abs().max() / expected.abs().max() < 1e-2
+
+
 def test_bad_shapes_and_backends_give_clear_errors():
     layer = DeformConv(4, 6, 3, padding=1)
     with pytest.raises(ValueError, match=r"expects offset \(N, 18"):

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import LazyConfig
 from detectron2.modeling import build_model
 
 from saltnet.config import load_yaml_config
-from saltnet.visualize import point_set_predictor
+from saltnet.predictor import Predictor
 
 QUICK_YAML = "configs/quick_schedule/salt_R_18_synthetic.yaml"
 
@@ -80,8 +81,23 @@ def test_point_sets_need_the_salt_head(tiny_opts):
     with pytest.raises(ValueError, match="SALT_ON False"), torch.no_grad():
         model([{"image": torch.zeros(3, 64, 64)}])
     with pytest.raises(ValueError, match="SALT_ON False"):
-        point_set_predictor(cfg)
-    assert not point_set_predictor(cfg, show_points=False).model.output_point_sets
+        Predictor.from_config(cfg, output_point_sets=True)
+    assert not Predictor.from_config(cfg).model.output_point_sets
+
+
+@pytest.mark.parametrize("config", ["salt_R_18_synthetic.py", "fcos_salt_R_18_synthetic.py"])
+def test_predictor_of_a_lazy_config(config):
+    """A LazyConfig's predictor: point sets as the model's constructor argument, detections in
+    the image's frame."""
+    cfg = LazyConfig.load(f"configs/quick_schedule/{config}")
+    predictor = Predictor.from_config(cfg, output_point_sets=True)
+    assert not Predictor.from_config(cfg).model.output_point_sets
+    predictor.model.test_score_thresh = 0.0  # untrained: keep every candidate
+    image = np.random.RandomState(0).randint(0, 256, (80, 120, 3)).astype(np.uint8)
+    instances = predictor(image)["instances"]
+    assert len(instances) > 0 and instances.image_size == (80, 120)
+    assert instances.pred_reg_points.shape == instances.pred_cls_points.shape
+    assert instances.pred_reg_points.shape == (len(instances), 9, 2)
 
 
 @pytest.mark.slow

@@ -272,15 +272,3 @@ def test_config_naming_missing_features_fails_clearly():
     cfg.MODEL.SALTNET.IN_FEATURES = ["p2", "p3"]
     with pytest.raises(ValueError, match=r"IN_FEATURES names \['p2'\]"):
         build_model(cfg)
-
-
-def test_checkpoints_with_the_salt_operator_under_the_head_still_load():
-    """Checkpoints written before the SALT operator became ``head.salt`` name its tensors
-    ``head.coarse_conv.*`` etc.; they load into the same parameters."""
-    source, target = build(tiny_cfg(), seed=0), build(tiny_cfg(), seed=1)
-    old_names = {k.replace("head.salt.", "head."): v for k, v in source.state_dict().items()}
-    assert "head.coarse_scales.0" in old_names and "head.salt.coarse_scales.0" not in old_names
-    incompatible = target.load_state_dict(old_names, strict=True)
-    assert not incompatible.missing_keys and not incompatible.unexpected_keys
-    for key, value in source.state_dict().items():
-        assert torch.equal(target.state_dict()[key], value), key

@@ -15,6 +15,7 @@ from detectron2.modeling import build_model
 from detectron2.modeling.backbone import BasicStem, ResNet
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
+from release_reference import _iou_and_giou
 
 from saltnet.config import get_saltnet_cfg
 from saltnet.modeling import SALTFCOS, SALTFCOSHead, SALTRetinaNet, SALTRetinaNetHead
@@ -142,9 +143,10 @@ def test_salt_on_outputs_losses_and_gradients(name, num_anchors):
     model = instantiate(plugin(small_lazy_model(name), salt_on=True))
     features = [torch.randn(2, CHANNELS, 12 // 2**i + 1, 16 // 2**i + 1) for i in range(5)]
     outputs = model.head(features)
-    assert len(outputs) == model._num_groups + 3
-    logits, deltas, *_, coarse, reg_points, cls_points = outputs
-    for x, lg, dl, c, rp, cp in zip(features, logits, deltas, coarse, reg_points, cls_points):
+    assert len(outputs.base) == {"fcos": 3, "retinanet": 2}[name]
+    logits, deltas = outputs.base[:2]
+    per_level = zip(features, logits, deltas, *outputs[1:])
+    for x, lg, dl, c, rp, cp in per_level:
         n, _, h, w = x.shape
         assert lg.shape == (n, num_anchors * NUM_CLASSES, h, w)
         assert dl.shape == (n, num_anchors * 4, h, w)
@@ -171,12 +173,11 @@ def test_salt_operator_channels_must_match_the_input():
         )
 
 
-@pytest.mark.parametrize("name", ["fcos", "retinanet"])
-def test_coarse_loss_on_hand_made_boxes(name):
+def test_retinanet_coarse_loss_on_hand_made_boxes():
     """One level of 2 x 2 points at stride 8 (anchor centres (0, 0), (8, 0), (0, 8), (8, 8));
     two positive locations: one coarse box equal to its ground truth (loss 0), one a known box."""
     torch.manual_seed(0)
-    model = instantiate(plugin(small_lazy_model(name), salt_on=True))
+    model = instantiate(plugin(small_lazy_model("retinanet"), salt_on=True))
     model.anchor_generator.strides = [8]
     num_anchors = model.anchor_generator.num_cell_anchors[0]
     centers = torch.tensor([[0.0, 0.0], [8.0, 0.0], [0.0, 8.0], [8.0, 8.0]])
@@ -200,6 +201,92 @@ def test_coarse_loss_on_hand_made_boxes(name):
     expected = 1 - aligned_giou(coarse_box_3[None], gt_box_3[None])[0]  # 1 - 256/384
     assert torch.allclose(expected, torch.tensor(1 - 256 / 384))
     assert torch.allclose(loss, 3.0 * expected / 2.0)
+
+
+def release_fcos_coarse_loss(coarse, positives, num_images, strides, loss_weight=0.5):
+    """``fcos_arm.py``'s ``loss_bbox_init`` (``norm_on_bbox``), restated: the coarse maps and the
+    targets flattened level by level, image by image; per positive point its (l, t, r, b) target
+    over the stride, its centerness target sqrt(min/max(l, r) x min/max(t, b)); GIoU of the boxes
+    decoded around the point, weighted by the centerness, over the centerness sum.
+
+    ``coarse``: per level (N, 4, H, W), stride units; ``positives``: (image, level, y, x, box)
+    with the matched ground-truth box in pixels."""
+    points, distances, targets, is_positive = [], [], [], []
+    for level, (c, stride) in enumerate(zip(coarse, strides)):
+        h, w = c.shape[-2:]
+        ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        level_points = torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=1) * stride + stride // 2
+        for image in range(num_images):
+            points.append(level_points.float())
+            distances.append(c[image].permute(1, 2, 0).reshape(-1, 4))
+            level_targets = torch.zeros(h * w, 4)
+            level_positive = torch.zeros(h * w, dtype=torch.bool)
+            for i, lv, y, x, box in positives:
+                if (i, lv) == (image, level):
+                    px, py = level_points[y * w + x].tolist()
+                    box = torch.tensor(box)
+                    level_targets[y * w + x] = torch.stack(
+                        [px - box[0], py - box[1], box[2] - px, box[3] - py]
+                    ) / stride
+                    level_positive[y * w + x] = True
+            targets.append(level_targets)
+            is_positive.append(level_positive)
+    pos = torch.cat(is_positive).nonzero().reshape(-1)
+    points, distances, targets = (torch.cat(t)[pos] for t in (points, distances, targets))
+    lr, tb = targets[:, [0, 2]], targets[:, [1, 3]]
+    centerness = ((lr.min(-1)[0] / lr.max(-1)[0]) * (tb.min(-1)[0] / tb.max(-1)[0])).sqrt()
+
+    def distance2bbox(p, d):
+        x, y = p.unbind(1)
+        return torch.stack([x - d[:, 0], y - d[:, 1], x + d[:, 2], y + d[:, 3]], -1)
+
+    _, giou = _iou_and_giou(distance2bbox(points, distances), distance2bbox(points, targets))
+    return loss_weight * ((1 - giou) * centerness).sum() / centerness.sum(), centerness
+
+
+def test_fcos_coarse_loss_is_the_releases():
+    """Crafted positives on three levels of two images (the second without boxes), matched boxes
+    giving unequal centerness targets: value and gradient equal the release's restatement."""
+    torch.manual_seed(0)
+    model = instantiate(plugin(small_lazy_model("fcos"), salt_on=True))
+    shapes = [(4, 5), (2, 3), (1, 2), (1, 1), (1, 1)]
+    features = [torch.zeros(2, CHANNELS, h, w) for h, w in shapes]
+    anchors = model.anchor_generator(features)
+    strides = model.anchor_generator.strides
+    # (image, level, y, x, matched gt box in pixels) around the point ((x, y) + 0.5) x stride.
+    positives = [
+        (0, 0, 0, 0, [1.0, 2.0, 30.0, 9.0]),
+        (0, 0, 2, 3, [20.0, 11.0, 33.0, 40.0]),
+        (0, 0, 3, 4, [30.0, 20.0, 37.0, 31.0]),
+        (0, 1, 1, 2, [20.0, 3.0, 90.0, 30.0]),
+        (0, 2, 0, 1, [33.0, 10.0, 120.0, 20.0]),
+    ]
+    coarse = [(torch.rand(2, 4, h, w) * 3 + 0.2).requires_grad_() for h, w in shapes]
+    sizes = [h * w for h, w in shapes]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    labels = [torch.full((sum(sizes),), NUM_CLASSES) for _ in range(2)]
+    boxes = [torch.zeros(sum(sizes), 4) for _ in range(2)]
+    for image, level, y, x, box in positives:
+        index = offsets[level] + y * shapes[level][1] + x
+        labels[image][index], boxes[image][index] = level % NUM_CLASSES, torch.tensor(box)
+
+    loss = model.coarse_loss(anchors, coarse, labels, boxes)
+    grads = torch.autograd.grad(loss, coarse)
+    reference = [c.detach().clone().requires_grad_() for c in coarse]
+    expected, centerness = release_fcos_coarse_loss(reference, positives, 2, strides)
+    expected_grads = torch.autograd.grad(expected, reference)
+    assert centerness.max() - centerness.min() > 0.3  # the weighting matters
+    assert model.loss_coarse_weight == 0.5
+    assert torch.allclose(loss, expected, atol=1e-5, rtol=0), (loss, expected)
+    for g, e in zip(grads, expected_grads):
+        assert torch.allclose(g, e, atol=1e-5, rtol=0)
+    assert expected_grads[0].abs().sum() > 0
+
+    # No positive anywhere: 0, with finite (zero) gradients.
+    empty = [torch.full_like(lb, NUM_CLASSES) for lb in labels]
+    loss = model.coarse_loss(anchors, coarse, empty, [torch.zeros_like(b) for b in boxes])
+    grads = torch.autograd.grad(loss, coarse)
+    assert loss.item() == 0 and all((g == 0).all() for g in grads)
 
 
 @pytest.mark.parametrize("name", ["fcos", "retinanet"])

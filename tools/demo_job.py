@@ -29,7 +29,8 @@ from saltnet.config import load_yaml_config
 from saltnet.data import register_datasets_from_cfg
 from saltnet.data.image_io import read_image
 from saltnet.engine import SALTNetTrainer
-from saltnet.visualize import draw_predictions_and_gt, point_set_predictor
+from saltnet.predictor import Predictor
+from saltnet.visualize import draw_predictions_and_gt
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 logger = logging.getLogger("detectron2")
@@ -59,12 +60,12 @@ def get_parser():
 
 def draw_validation_images(cfg, weights: str, out_dir: str, num_images: int) -> None:
     """Save detections (+ points of the top 2) next to the ground truth for validation images,
-    predicted by ``DefaultPredictor`` with ``weights``."""
+    predicted by :class:`Predictor` with ``weights``."""
     os.makedirs(out_dir, exist_ok=True)
     cfg = cfg.clone()
     cfg.defrost()
     cfg.MODEL.WEIGHTS = weights
-    predictor = point_set_predictor(cfg)
+    predictor = Predictor.from_config(cfg, output_point_sets=True)
     dataset_name = cfg.DATASETS.TEST[0]
     metadata = MetadataCatalog.get(dataset_name)
     for record in DatasetCatalog.get(dataset_name)[:num_images]:

@@ -1,6 +1,7 @@
 """FCOS R50-FPN 1x of detectron2's model zoo (``COCO-Detection/fcos_R_50_FPN_1x.py``) with SALT:
-the SALT operator between FCOS's towers and its predictors, plus the coarse-box GIoU loss (see
-``saltnet/modeling/plugin.py``). ``model.head.salt_on=False`` gives detectron2's FCOS exactly.
+the SALT operator between FCOS's towers and its predictors, plus the coarse-box GIoU loss of the
+authors' release (centerness-weighted, weight 0.5; see ``saltnet/modeling/plugin.py``).
+``model.head.salt_on=False`` gives detectron2's FCOS exactly.
 
     python train_net.py --config-file configs/plugin/fcos_R_50_FPN_1x_salt.py --num-gpus 8
 """
@@ -24,5 +25,5 @@ model.head._target_ = SALTFCOSHead
 model.head.salt_on = True
 model.head.salt_norm = "GN"  # SALT's own convs, as in SALT-Net
 model.head.deform_backend = "auto"
-model.loss_coarse_weight = 1.0
+model.loss_coarse_weight = 0.5  # the release's, centerness-weighted (plugin.py)
 train.output_dir = "output/fcos_R_50_FPN_1x_salt"

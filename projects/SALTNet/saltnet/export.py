@@ -5,12 +5,13 @@ normalisation, backbone and head. It takes one batch ``(N, 3, H, W)`` float32 of
 the model's ``INPUT.FORMAT`` (0-255), resized and padded by :func:`pad_images` (H, W multiples of
 the backbone's size divisibility, padding filled with the pixel mean, so that it is 0 after
 normalisation exactly as in :meth:`SALTNet.preprocess_image`), and returns the head's per-level
-tensors as one flat tuple named ``<group>_<level>`` (``scores_0`` ... ``box_logits_0`` ...; the
-head's ``None`` groups are left out).
+tensors as one flat tuple named ``<group>_<level>`` after the fields of
+:class:`~saltnet.modeling.head.HeadOutputs` (``scores_0`` ... ``box_logits_0`` ...; the groups the
+head leaves ``None`` are left out).
 
 Post-processing (per-level top-k, score threshold, class-wise NMS, clipping, rescaling to the
 input frame) stays outside the graph: :func:`decode_outputs` rebuilds the head's prediction
-structure from the named outputs and runs the model's own :meth:`SALTNet.forward_inference`,
+structure from the named outputs and runs the model's own :meth:`SALTNet.decode`,
 so exported and PyTorch models share one decoding path. (Data-dependent shapes - how many
 boxes pass the threshold and survive NMS - are what the exporters handle worst; the tensor part
 has a fixed structure.)
@@ -26,11 +27,12 @@ import torch
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.modeling.postprocessing import detector_postprocess
-from detectron2.structures import ImageList, Instances
+from detectron2.structures import Instances
 from torch import Tensor, nn
 
 from .config import load_yaml_config
 from .data.transforms import with_resize_backend
+from .modeling.head import HeadOutputs
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -50,8 +52,6 @@ EXPORT_FORMATS = ("torchscript", "onnx")
 # ONNX's DeformConv operator exists from opset 19 on; torch.onnx's dynamo exporter writes
 # torchvision.ops.deform_conv2d as that operator (the legacy TorchScript-based exporter cannot).
 MIN_DEFORM_CONV_OPSET = 19
-# The head's output groups in its documented order; a further group would be named output<g>.
-HEAD_OUTPUT_GROUPS = ("scores", "box_logits", "coarse", "reg_points", "cls_points")
 TORCHSCRIPT_OUTPUTS_FILE = "saltnet_outputs.json"
 
 
@@ -129,24 +129,14 @@ class SALTNetTensorPart(nn.Module):
         model = self.model
         features = model.backbone((images - model.pixel_mean) / model.pixel_std)
         predictions = model.head([features[f] for f in model.head_in_features])
-        return tuple(x for group in predictions if group is not None for x in group)
+        return tuple(x for group in model.head.output_groups for x in getattr(predictions, group))
 
 
-@torch.no_grad()
 def head_output_names(model: nn.Module) -> List[str]:
-    """``<group>_<level>`` for every tensor the head returns (``None`` groups left out), found
-    by running the head on zero features of one location per level."""
-    shapes = model.backbone.output_shape()
-    features = [
-        torch.zeros(1, shapes[f].channels, 1, 1, device=model.device)
-        for f in model.head_in_features
-    ]
-    names = []
-    for g, group in enumerate(model.head(features)):
-        if group is not None:
-            name = HEAD_OUTPUT_GROUPS[g] if g < len(HEAD_OUTPUT_GROUPS) else f"output{g}"
-            names += [f"{name}_{level}" for level in range(len(group))]
-    return names
+    """``<group>_<level>`` for every tensor the head returns: the :class:`HeadOutputs` fields it
+    fills (``SALTHead.output_groups``), level after level."""
+    levels = range(len(model.head_in_features))
+    return [f"{group}_{level}" for group in model.head.output_groups for level in levels]
 
 
 def pad_images(model: nn.Module, images: Sequence[Tensor]) -> Tuple[Tensor, List[Tuple[int, int]]]:
@@ -172,7 +162,7 @@ def decode_outputs(
     image_sizes: Sequence[Tuple[int, int]],
     output_sizes: Optional[Sequence[Tuple[int, int]]] = None,
 ) -> List[Instances]:
-    """Detections from the exported graph's outputs, by the model's own ``forward_inference``.
+    """Detections from the exported graph's outputs, by the model's own :meth:`SALTNet.decode`.
 
     ``outputs`` in the order of ``output_names`` (``<group>_<level>``); ``image_sizes``: each
     image's (height, width) in the batch (before padding); ``output_sizes``: the frame to rescale
@@ -181,29 +171,17 @@ def decode_outputs(
     its weights.
     """
     by_name = {name: torch.as_tensor(x) for name, x in zip(output_names, outputs)}
-    num_levels = len(model.head_in_features)
-    num_groups = 1 + max(_group_index(name) for name in output_names)
-    predictions = []
-    for g in range(num_groups):
-        group = HEAD_OUTPUT_GROUPS[g] if g < len(HEAD_OUTPUT_GROUPS) else f"output{g}"
-        levels = [by_name.get(f"{group}_{level}") for level in range(num_levels)]
-        predictions.append(None if levels[0] is None else levels)
-    scores = predictions[0]
-    # forward_inference uses only the batch's image sizes and the feature maps' (H, W), which
-    # the score maps share.
-    images = ImageList(torch.empty(len(image_sizes), 0), list(image_sizes))
-    results = model.forward_inference(images, scores, tuple(predictions))
+    groups = {name.rsplit("_", 1)[0] for name in by_name}
+    unknown = sorted(groups - set(HeadOutputs._fields))
+    if unknown:
+        raise ValueError(f"{unknown} are no output groups of an exported SALT-Net.")
+    levels = range(len(model.head_in_features))
+    predictions = HeadOutputs(
+        **{group: [by_name[f"{group}_{level}"] for level in levels] for group in groups}
+    )
+    results = model.decode(predictions, list(image_sizes))
     output_sizes = image_sizes if output_sizes is None else output_sizes
     return [detector_postprocess(r, h, w) for r, (h, w) in zip(results, output_sizes)]
-
-
-def _group_index(output_name: str) -> int:
-    group = output_name.rsplit("_", 1)[0]
-    if group in HEAD_OUTPUT_GROUPS:
-        return HEAD_OUTPUT_GROUPS.index(group)
-    if group.startswith("output") and group[6:].isdigit():
-        return int(group[6:])
-    raise ValueError(f"{output_name!r} is not an output of an exported SALT-Net.")
 
 
 def export_model(

@@ -1,8 +1,8 @@
 """Visualisation of SALT-Net: detections, ground truth, and SALT's two point sets.
 
-The point sets are the model's own output: with ``model.output_point_sets = True`` (see
-:class:`~saltnet.modeling.point_sets.PointSetOutputs`: SALT-Net and the SALT plug-ins on
-RetinaNet / FCOS), every detection of ``DefaultPredictor`` carries the nine
+The point sets are the model's own output: built with ``output_point_sets`` (see
+:class:`~saltnet.predictor.Predictor` and :class:`~saltnet.modeling.point_sets.PointSetOutputs`:
+SALT-Net and the SALT plug-ins on RetinaNet / FCOS), every detection carries the nine
 regression (``pred_reg_points``) and nine classification (``pred_cls_points``) sampling points
 of the location it was decoded from, in the input image's pixels.
 """
@@ -11,60 +11,24 @@ from typing import Dict, Optional, Tuple
 
 import matplotlib as mpl
 import numpy as np
-from detectron2.config import CfgNode, instantiate
 from detectron2.data import Metadata
-from detectron2.engine.defaults import DefaultPredictor
 from detectron2.structures import Instances
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, VisImage, Visualizer
 
-from .checkpoint import AtomicCheckpointer
-from .data.transforms import with_resize_backend
 from .modeling.point_sets import POINT_SET_FIELDS
+from .predictor import Predictor
 
 __all__ = [
     "REG_POINT_COLOR",
     "CLS_POINT_COLOR",
-    "LazyConfigPredictor",
     "SALTVisualizationDemo",
     "draw_point_sets",
     "draw_predictions_and_gt",
-    "point_set_predictor",
 ]
 
 REG_POINT_COLOR = (1.0, 0.2, 0.2)  # regression points: red
 CLS_POINT_COLOR = (0.2, 0.5, 1.0)  # classification points: blue
-
-
-class LazyConfigPredictor(DefaultPredictor):
-    """detectron2's ``DefaultPredictor`` for a LazyConfig: the model of ``cfg.model`` on
-    ``cfg.train.device`` with the weights of ``cfg.train.init_checkpoint``; images resized by the
-    test mapper's first augmentation and given in its ``image_format``."""
-
-    def __init__(self, cfg):
-        device = cfg.train.device
-        self.cfg = CfgNode({"MODEL": {"DEVICE": device}})  # what DefaultPredictor.__call__ reads
-        self.model = instantiate(cfg.model).to(device).eval()
-        AtomicCheckpointer(self.model).load(cfg.train.init_checkpoint)
-        mapper = cfg.dataloader.test.mapper
-        self.aug = instantiate(mapper.augmentations[0])
-        self.input_format = mapper.image_format
-
-
-def point_set_predictor(cfg, show_points: bool = True) -> DefaultPredictor:
-    """detectron2's ``DefaultPredictor`` (YAML config: resizing as ``INPUT.RESIZE_BACKEND``
-    says) or a :class:`LazyConfigPredictor` (LazyConfig), whose detections carry the SALT point
-    sets if ``show_points`` (ValueError if the model's head has none: ``SALT_ON`` False). Any
-    detector with SALT works: SALT-Net and the plug-ins on RetinaNet / FCOS."""
-    if isinstance(cfg, CfgNode):
-        predictor = DefaultPredictor(cfg)
-        predictor.aug = with_resize_backend(predictor.aug, cfg.INPUT.RESIZE_BACKEND)
-    else:
-        predictor = LazyConfigPredictor(cfg)
-    if show_points and not getattr(predictor.model.head, "salt_on", False):
-        raise ValueError("The model's head runs without SALT (SALT_ON False): it has no points.")
-    predictor.model.output_point_sets = show_points
-    return predictor
 
 
 def draw_point_sets(
@@ -113,19 +77,19 @@ def draw_predictions_and_gt(
 
 
 class SALTVisualizationDemo:
-    """detectron2's demo ``VisualizationDemo`` for SALT-Net, optionally with point sets."""
+    """detectron2's demo ``VisualizationDemo`` for SALT-Net: the detections of ``predictor``,
+    with the point sets of the ``num_point_instances`` best if its model outputs them."""
 
     def __init__(
         self,
-        cfg,
+        predictor: Predictor,
         metadata: Metadata,
-        show_points: bool = False,
         num_point_instances: int = 3,
         instance_mode=ColorMode.IMAGE,
     ):
-        self.predictor = point_set_predictor(cfg, show_points)
+        self.predictor = predictor
         self.metadata = metadata
-        self.show_points = show_points
+        self.show_points = predictor.model.output_point_sets
         self.num_point_instances = num_point_instances
         self.instance_mode = instance_mode
 

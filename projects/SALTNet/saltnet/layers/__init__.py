@@ -1,3 +1,15 @@
-from .deform_conv import BACKENDS, DeformConv, ModulatedDeformConv, available_backends
+from .deform_conv import (
+    BACKENDS,
+    DeformConv,
+    DeformConvInputError,
+    ModulatedDeformConv,
+    available_backends,
+)
 
-__all__ = [k for k in globals().keys() if not k.startswith("_")]
+__all__ = [
+    "BACKENDS",
+    "DeformConv",
+    "DeformConvInputError",
+    "ModulatedDeformConv",
+    "available_backends",
+]

@@ -21,10 +21,13 @@ The backend (``MODEL.SALTNET.DEFORM_BACKEND``, the layers' ``backend`` argument)
   on torchvision; CPU tensors without the interpreter, or a process without Triton, run on
   ``"gather"``; each fallback says so once in the log.
 * ``"detectron2"``: detectron2's compiled CUDA kernel, available only where detectron2 was
-  built with its ``_C`` extension; CUDA only, float32 only.
+  built with its ``_C`` extension; CUDA only.
 
-Half and bfloat16 inputs (e.g. under autocast) are computed in float32 by the ``gather`` and
-``torchvision`` backends and returned in the input dtype.
+Half and bfloat16 inputs (e.g. under autocast) are computed in float32 by the ``gather``,
+``torchvision`` and ``detectron2`` backends and returned in the input dtype.
+
+Inputs, offsets or masks of the wrong shape raise :class:`DeformConvInputError`, both a
+``ValueError`` and the ``RuntimeError`` that detectron2's layers raise.
 """
 
 import importlib
@@ -39,12 +42,23 @@ from torchvision.ops import deform_conv2d
 
 from .gather_deform import gather_deform_conv2d
 
-__all__ = ["DeformConv", "ModulatedDeformConv", "available_backends", "BACKENDS"]
+__all__ = [
+    "BACKENDS",
+    "DeformConv",
+    "DeformConvInputError",
+    "ModulatedDeformConv",
+    "available_backends",
+]
 
 BACKENDS = ("auto", "gather", "triton", "torchvision", "detectron2")
 _TRITON_MODULE = "saltnet.layers.triton_deform"
 _FALLBACKS_LOGGED = set()  # each fallback message is logged once per process
 logger = logging.getLogger(__name__)
+
+
+class DeformConvInputError(ValueError, RuntimeError):
+    """An input, offset or mask of the wrong shape for the layer. A ``RuntimeError`` as
+    detectron2's deformable convs raise for wrong channel counts, and a ``ValueError``."""
 
 
 def detectron2_ops_available() -> bool:
@@ -147,7 +161,7 @@ def _torchvision_deform_conv(x, offset, mask, weight, bias, stride, padding, dil
 
 
 def _detectron2_deform_conv(x, offset, mask, weight, bias, stride, padding, dilation, groups, dg):
-    """detectron2's compiled CUDA kernel (float32, CUDA only)."""
+    """detectron2's compiled CUDA kernel (CUDA only; the layer calls it in float32)."""
     from detectron2.layers.deform_conv import deform_conv, modulated_deform_conv
 
     if not x.is_cuda:
@@ -161,7 +175,10 @@ def _detectron2_deform_conv(x, offset, mask, weight, bias, stride, padding, dila
 
 
 class _DeformConvBase(nn.Module):
-    """Parameters, checks and dispatch shared by the plain and the modulated layer."""
+    """Parameters, checks and dispatch shared by the plain and the modulated layer.
+    ``bias=None``: the layer's :attr:`bias_default`, as detectron2's."""
+
+    bias_default: bool
 
     def __init__(
         self,
@@ -173,12 +190,13 @@ class _DeformConvBase(nn.Module):
         dilation=1,
         groups: int = 1,
         deformable_groups: int = 1,
-        bias: bool = False,
+        bias: Optional[bool] = None,
         norm: Optional[nn.Module] = None,
         activation=None,
         backend: Optional[str] = None,
     ):
         super().__init__()
+        bias = self.bias_default if bias is None else bias
         if in_channels % groups or out_channels % groups:
             raise ValueError(
                 f"in_channels ({in_channels}) and out_channels ({out_channels}) must both be "
@@ -211,17 +229,17 @@ class _DeformConvBase(nn.Module):
         kh, kw = self.kernel_size
         points = self.deformable_groups * kh * kw
         if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(
+            raise DeformConvInputError(
                 f"{type(self).__name__} expects input (N, {self.in_channels}, H, W), "
                 f"got {tuple(x.shape)}."
             )
         if offset.dim() != 4 or offset.shape[1] != 2 * points:
-            raise ValueError(
+            raise DeformConvInputError(
                 f"{type(self).__name__} expects offset (N, {2 * points}, H_out, W_out) "
                 f"(2 x deformable_groups x kH x kW channels), got {tuple(offset.shape)}."
             )
         if mask is not None and (mask.dim() != 4 or mask.shape[1] != points):
-            raise ValueError(
+            raise DeformConvInputError(
                 f"{type(self).__name__} expects mask (N, {points}, H_out, W_out), "
                 f"got {tuple(mask.shape)}."
             )
@@ -239,8 +257,14 @@ class _DeformConvBase(nn.Module):
         elif backend == "triton":
             out = _triton_module().triton_deform_conv2d(x, offset, mask, *self._params())
         else:
-            out = _detectron2_deform_conv(
-                x, offset, mask, *self._params(), self.groups, self.deformable_groups
+            out = _in_float32(
+                _detectron2_deform_conv,
+                x,
+                offset,
+                mask,
+                *self._params(),
+                self.groups,
+                self.deformable_groups,
             )
         return self._norm_activation(out)
 
@@ -273,6 +297,8 @@ class DeformConv(_DeformConvBase):
     ``bias=True`` is accepted too.
     """
 
+    bias_default = False
+
     def forward(self, x, offset):
         return self._deform_conv(x, offset, None)
 
@@ -284,35 +310,7 @@ class ModulatedDeformConv(_DeformConvBase):
     Has a bias by default, as detectron2's.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups: int = 1,
-        deformable_groups: int = 1,
-        bias: bool = True,
-        norm: Optional[nn.Module] = None,
-        activation=None,
-        backend: Optional[str] = None,
-    ):
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            deformable_groups,
-            bias,
-            norm,
-            activation,
-            backend,
-        )
+    bias_default = True
 
     def forward(self, x, offset, mask):
         return self._deform_conv(x, offset, mask)

@@ -7,7 +7,7 @@ order of a deformable-conv kernel (0 top-left, 4 centre, 8 bottom-right).
 """
 
 import math
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 from detectron2.config import configurable
@@ -18,20 +18,24 @@ from torch.nn import functional as F
 from ..layers import ModulatedDeformConv
 from .salt import SALTOperator, conv_norm_relu, normal_init_
 
-__all__ = ["SALTHead"]
+__all__ = ["HeadOutputs", "SALTHead"]
 
-# The SALT operator's modules, held directly by the head (``head.coarse_conv.*``) in checkpoints
-# written before it became a module of its own (``head.salt.coarse_conv.*``).
-_SALT_MODULES = (
-    "coarse_conv",
-    "coarse_pred",
-    "point_factor_pred",
-    "coarse_scales",
-    "reg_dcn",
-    "cls_point_conv",
-    "cls_point_scale_pred",
-    "cls_dcn",
-)
+
+class HeadOutputs(NamedTuple):
+    """What :class:`SALTHead` returns: per-level lists, level i of N images and Hi x Wi
+    locations. The SALT groups are ``None`` for the plain head (``salt_on=False``)."""
+
+    # (N, K, Hi, Wi) joint class scores in [0, 1] = sigmoid(class logit) x quality (float32).
+    scores: List[torch.Tensor]
+    # (N, 4 x (reg_max + 1), Hi, Wi) refined box-distribution logits, sides left, top, right,
+    # bottom, bins in stride units (float32).
+    box_logits: List[torch.Tensor]
+    # (N, 4, Hi, Wi) coarse side distances, stride units (float32).
+    coarse: Optional[List[torch.Tensor]] = None
+    # (N, 18, Hi, Wi) the SALT operator's regression / classification sampling points: nine
+    # (y, x) pairs in stride units from the anchor point (float32; module doc).
+    reg_points: Optional[List[torch.Tensor]] = None
+    cls_points: Optional[List[torch.Tensor]] = None
 
 
 class _ModulatedDeformTowerConv(nn.Module):
@@ -72,17 +76,8 @@ def _tower(
 class SALTHead(nn.Module):
     """Dense head of SALT-Net; with ``salt_on=False`` a plain GFLV2-style head.
 
-    ``forward(features)`` takes the list of FPN maps (N, C, Hi, Wi) and returns five per-level
-    lists:
-
-    * ``scores``: (N, K, Hi, Wi) joint class scores in [0, 1] = sigmoid(class logit) x quality;
-    * ``box_logits``: (N, 4 x (reg_max + 1), Hi, Wi) refined box-distribution logits, sides in
-      the order left, top, right, bottom, bins in stride units;
-    * ``coarse``: (N, 4, Hi, Wi) coarse side distances in stride units (float32), or ``None``
-      for the plain head;
-    * ``reg_points`` / ``cls_points``: (N, 18, Hi, Wi) the SALT operator's regression /
-      classification sampling points, nine (y, x) pairs in stride units from the anchor point
-      (float32; see the module doc), or ``None`` for the plain head.
+    ``forward(features)`` takes the list of FPN maps (N, C, Hi, Wi) and returns
+    :class:`HeadOutputs`.
     """
 
     @configurable
@@ -156,37 +151,28 @@ class SALTHead(nn.Module):
             "deform_backend": node.DEFORM_BACKEND,
         }
 
-    def forward(self, features: List[torch.Tensor]):
+    @property
+    def output_groups(self) -> List[str]:
+        """The fields of :class:`HeadOutputs` that :meth:`forward` fills (not ``None``)."""
+        return list(HeadOutputs._fields if self.salt_on else HeadOutputs._fields[:2])
+
+    def forward(self, features: List[torch.Tensor]) -> HeadOutputs:
         if len(features) != self.num_levels:
             raise ValueError(f"SALTHead built for {self.num_levels} levels, got {len(features)}.")
-        outputs = zip(*[self.forward_level(x, level) for level, x in enumerate(features)])
-        scores, box_logits, *salt = (list(o) for o in outputs)
-        return (scores, box_logits, *(salt if self.salt_on else [None] * 3))
+        levels = [self.forward_level(x, level) for level, x in enumerate(features)]
+        return HeadOutputs(*(list(group) for group in zip(*levels)))
 
-    def forward_level(self, x: torch.Tensor, level: int):
-        """One level: returns (scores, box_logits, coarse, reg_points, cls_points).
-
-        ``reg_points`` / ``cls_points`` are (N, 18, H, W) (y, x) point sets in stride units
-        relative to the anchor point (``None`` for the plain head).
-        """
+    def forward_level(self, x: torch.Tensor, level: int) -> tuple:
+        """One level: its tensors of the :meth:`output_groups`, in that order."""
         cls_feat = self.cls_tower(x)
         reg_feat = self.reg_tower(x)
-        coarse = reg_points = cls_points = None
+        salt = ()
         if self.salt_on:
-            cls_feat, reg_feat, coarse, reg_points, cls_points = self.salt(
-                cls_feat, reg_feat, x, level
-            )
+            cls_feat, reg_feat, *salt = self.salt(cls_feat, reg_feat, x, level)
         box_logits = self.bbox_pred(reg_feat).float() * self.bbox_scales[level].float()
         quality = self.quality(self._distribution_statistics(box_logits).to(x.dtype)).sigmoid()
         scores = self.cls_score(cls_feat).float().sigmoid() * quality.float()
-        return scores, box_logits, coarse, reg_points, cls_points
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for key in [k for k in state_dict if k.startswith(prefix)]:
-            name = key[len(prefix) :]
-            if name.split(".", 1)[0] in _SALT_MODULES:  # an older checkpoint's name
-                state_dict[prefix + "salt." + name] = state_dict.pop(key)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        return (scores, box_logits, *salt)
 
     def _distribution_statistics(self, box_logits: torch.Tensor) -> torch.Tensor:
         """(N, 4 x (reg_max + 1), H, W) logits -> (N, 4 x (topk [+ 1]), H, W) DGQP input."""

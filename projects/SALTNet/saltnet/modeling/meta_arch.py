@@ -22,7 +22,7 @@ from .box_coding import (
     distances_to_boxes,
     distribution_to_distances,
 )
-from .head import SALTHead
+from .head import HeadOutputs, SALTHead
 from .losses import distribution_focal_loss, giou_loss, quality_focal_loss
 from .point_sets import PointSetOutputs
 
@@ -108,9 +108,15 @@ class SALTNet(PointSetOutputs, DenseDetector):
         pixel_mean,
         pixel_std,
         input_format: str = "BGR",
+        output_point_sets: bool = False,
     ):
         super().__init__(
-            backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std
+            backbone,
+            head,
+            head_in_features,
+            pixel_mean=pixel_mean,
+            pixel_std=pixel_std,
+            output_point_sets=output_point_sets,
         )
         if sdr_mode not in SDR_MODES:
             raise ValueError(f"Unknown SDR mode {sdr_mode!r}; choose one of {SDR_MODES}.")
@@ -174,11 +180,13 @@ class SALTNet(PointSetOutputs, DenseDetector):
     # ----------------------------------------------------------------------------------------
     # Training
     # ----------------------------------------------------------------------------------------
-    def _flatten_predictions(self, predictions):
+    def _flatten_predictions(self, predictions: HeadOutputs):
         """Head outputs -> (N, R, K) scores, (N, R, 4 (reg_max + 1)) logits and (N, R, 4) coarse
         distances (or None), R = all locations of all levels."""
-        groups = [g for g in predictions[:3] if g is not None]
-        dims = [self.num_classes, 4 * (self.reg_max + 1), 4][: len(groups)]
+        groups = [predictions.scores, predictions.box_logits]
+        dims = [self.num_classes, 4 * (self.reg_max + 1)]
+        if predictions.coarse is not None:
+            groups, dims = groups + [predictions.coarse], dims + [4]
         flat = [cat(g, dim=1) for g in self._transpose_dense_predictions(groups, dims)]
         return flat[0], flat[1], (flat[2] if len(flat) == 3 else None)
 
@@ -302,20 +310,28 @@ class SALTNet(PointSetOutputs, DenseDetector):
     # ----------------------------------------------------------------------------------------
     # Inference
     # ----------------------------------------------------------------------------------------
-    def forward_inference(self, images, features, predictions):
-        """Detections of each image (:meth:`inference_single_image`), from the head's per-level
-        ``predictions`` (``features`` give only the levels' sizes). Their point sets, with
-        ``output_point_sets``, are in pixels of the network's input (``images``)."""
+    def forward_inference(self, images, features, predictions: HeadOutputs):
+        """Detections of each image: :meth:`decode` of the head's ``predictions`` (``features``
+        are not read: the predictions have the levels' sizes)."""
+        return self.decode(predictions, images.image_sizes)
+
+    def decode(self, predictions: HeadOutputs, image_sizes: List[Tuple[int, int]]):
+        """Detections of each image (:meth:`inference_single_image`) from the head's outputs;
+        ``image_sizes``: each image's (height, width) in the batch. Their point sets, with
+        ``output_point_sets``, are in pixels of the network's input."""
         groups = self._transpose_dense_predictions(
-            predictions[:2], [self.num_classes, 4 * (self.reg_max + 1)]
+            [predictions.scores, predictions.box_logits],
+            [self.num_classes, 4 * (self.reg_max + 1)],
         )  # (N, Hi x Wi, dim) per level
-        centers = [a.get_centers() for a in self.anchor_generator(features)]
+        # The anchor generator reads only each map's (Hi, Wi).
+        centers = [a.get_centers() for a in self.anchor_generator(predictions.scores)]
         results = [
             self.inference_single_image(centers, [[x[i] for x in g] for g in groups], image_size)
-            for i, image_size in enumerate(images.image_sizes)
+            for i, image_size in enumerate(image_sizes)
         ]
         if self.output_point_sets:
-            self.attach_point_sets(results, predictions[3:5], centers, self.strides)
+            point_sets = (predictions.reg_points, predictions.cls_points)
+            self.attach_point_sets(results, point_sets, centers, self.strides)
         return results
 
     def inference_single_image(self, centers, predictions, image_size) -> Instances:

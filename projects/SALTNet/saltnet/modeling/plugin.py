@@ -8,9 +8,16 @@ and point sets. With ``salt_on=False`` a head *is* detectron2's (same modules, s
 same outputs) and the detectors equal detectron2's ``RetinaNet`` / ``FCOS``.
 
 The detectors add one loss, ``loss_salt_coarse``: 1 - GIoU of the coarse box (decoded around the
-anchor's centre) against the matched ground truth, summed over the detector's own positives
-(RetinaNet: every positive anchor; FCOS: every positive point), divided by the detector's own box
-loss normaliser (its EMA of the positive count), times ``loss_coarse_weight``.
+anchor's centre) against the matched ground truth over the detector's own positives, times
+``loss_coarse_weight``:
+
+* FCOS, as the authors' release (``fcos_arm.py``, ``loss_bbox_init``): each positive point
+  weighted by its centerness target, the sum divided by the sum of those targets (this worker's
+  batch, as the release: it does not average them over workers); weight 0.5.
+* RetinaNet: every positive anchor weighted 1, divided by RetinaNet's own box-loss normaliser
+  (its EMA of the positive count); weight 1.0. The release's ``retina_arm.py`` puts an L1 loss
+  between the raw coarse distances and the anchors' encoded deltas, which cannot run with
+  RetinaNet's 9 anchors per location (one coarse box per location, one target per anchor).
 
 Units: the coarse distances and the points are in stride units of their level, from the anchor
 centre of the location, the point the detector's own box deltas are decoded around (detectron2's
@@ -18,7 +25,7 @@ RetinaNet: ``(j, i) x stride``; its FCOS: ``(j + 0.5, i + 0.5) x stride``).
 """
 
 import logging
-from typing import List, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -36,21 +43,36 @@ from .meta_arch import anchor_points
 from .point_sets import PointSetOutputs
 from .salt import SALTOperator, SALTOutput, normal_init_
 
-__all__ = ["SALTFCOS", "SALTFCOSHead", "SALTRetinaNet", "SALTRetinaNetHead"]
+__all__ = [
+    "PluginHeadOutputs",
+    "SALTFCOS",
+    "SALTFCOSHead",
+    "SALTRetinaNet",
+    "SALTRetinaNetHead",
+]
 
 logger = logging.getLogger(__name__)
 
-# The head's SALT outputs, after detectron2's own prediction groups.
-_SALT_GROUPS = ("coarse", "reg_points", "cls_points")
+
+class PluginHeadOutputs(NamedTuple):
+    """What a plug-in head returns with SALT on: per-level lists, level i of N images and
+    Hi x Wi locations (A anchors each)."""
+
+    # detectron2's head's groups: logits (N, A x K, Hi, Wi), deltas (N, A x 4, Hi, Wi) and, for
+    # FCOS, centerness logits (N, 1, Hi, Wi).
+    base: Tuple[List[torch.Tensor], ...]
+    # (N, 4, Hi, Wi) float32 coarse (left, top, right, bottom), stride units.
+    coarse: List[torch.Tensor]
+    # (N, 18, Hi, Wi) nine (y, x) regression / classification points, stride units.
+    reg_points: List[torch.Tensor]
+    cls_points: List[torch.Tensor]
 
 
 class SALTRetinaNetHead(RetinaNetHead):
     """detectron2's :class:`RetinaNetHead`, with the SALT operator if ``salt_on``.
 
-    ``forward(features)`` returns detectron2's lists (logits (N, A x K, Hi, Wi), deltas
-    (N, A x 4, Hi, Wi)) and, with SALT, three more per-level lists: ``coarse`` (N, 4, Hi, Wi)
-    float32 (left, top, right, bottom) and ``reg_points`` / ``cls_points`` (N, 18, Hi, Wi) nine
-    (y, x) points, all in stride units from the anchor centre.
+    ``forward(features)`` returns detectron2's lists (logits, deltas) without SALT, a
+    :class:`PluginHeadOutputs` with it.
 
     Args (besides :class:`RetinaNetHead`'s):
         salt_on: add the SALT operator (needs ``conv_dims[-1]`` = the input channels, for its
@@ -101,7 +123,8 @@ class SALTRetinaNetHead(RetinaNetHead):
             self.salt(self.cls_subnet(x), self.bbox_subnet(x), x, level)
             for level, x in enumerate(features)
         ]
-        return (*self.predict(salt), *([getattr(s, g) for s in salt] for g in _SALT_GROUPS))
+        groups = ([getattr(s, g) for s in salt] for g in PluginHeadOutputs._fields[1:])
+        return PluginHeadOutputs(self.predict(salt), *groups)
 
     def predict(self, salt: List[SALTOutput]):
         """detectron2's predictors on the SALT-sampled features, per level: (logits, deltas)."""
@@ -123,18 +146,17 @@ class _SALTPlugin(PointSetOutputs):
     loss, where each detection was decoded (``pred_levels``, ``pred_locations``), and the point
     sets (``output_point_sets``, see :class:`PointSetOutputs`)."""
 
-    # detectron2's prediction groups of the detector: (logits, deltas[, centerness]).
-    _num_groups: int
-
-    def _split_predictions(self, predictions):
-        """(detectron2's prediction groups, SALT's (coarse, reg_points, cls_points) or None)."""
-        base, salt = predictions[: self._num_groups], predictions[self._num_groups :]
-        return base, (salt or None)
+    @staticmethod
+    def _split_predictions(predictions):
+        """(detectron2's prediction groups, the :class:`PluginHeadOutputs` or None)."""
+        if isinstance(predictions, PluginHeadOutputs):
+            return predictions.base, predictions
+        return predictions, None
 
     def coarse_loss(self, anchors: List[Boxes], coarse, gt_labels, gt_boxes) -> torch.Tensor:
         """``loss_salt_coarse`` (module doc), float32. ``coarse``: per level (N, 4, Hi, Wi);
         ``gt_labels`` / ``gt_boxes``: per image (R,) / (R, 4) as ``label_anchors`` gives them,
-        R = sum of Hi x Wi x A. Call after ``losses`` (it updates the normaliser)."""
+        R = sum of Hi x Wi x A."""
         num_anchors = self.anchor_generator.num_cell_anchors[0]
         coarse = cat([permute_to_N_HWA_K(c, 4) for c in coarse], dim=1).float()
         coarse = coarse.repeat_interleave(num_anchors, dim=1)  # (N, R, 4): A per location
@@ -142,9 +164,14 @@ class _SALTPlugin(PointSetOutputs):
         boxes = distances_to_boxes(centers, coarse * strides[:, None])
         gt_labels = torch.stack(gt_labels)
         positive = (gt_labels >= 0) & (gt_labels != self.num_classes)
+        weights, normalizer = self._coarse_weights(anchors, gt_boxes, positive)
         loss = giou_loss(boxes, torch.stack(gt_boxes).float())
-        loss = torch.where(positive, loss, torch.zeros_like(loss)).sum()
-        return self.loss_coarse_weight * loss / self.loss_normalizer
+        loss = torch.where(positive, loss * weights, torch.zeros_like(loss)).sum()
+        return self.loss_coarse_weight * loss / normalizer
+
+    def _coarse_weights(self, anchors, gt_boxes, positive: torch.Tensor):
+        """(weights (N, R) of each anchor's coarse loss, read at positives; the normaliser)."""
+        raise NotImplementedError
 
     def forward_inference(self, images, features, predictions):
         predictions, salt = self._split_predictions(predictions)
@@ -152,40 +179,58 @@ class _SALTPlugin(PointSetOutputs):
         if self.output_point_sets:
             num_anchors = self.anchor_generator.num_cell_anchors[0]
             centers = [a.get_centers()[::num_anchors] for a in self.anchor_generator(features)]
-            point_sets = salt[1:] if salt else (None, None)
+            point_sets = (salt.reg_points, salt.cls_points) if salt else (None, None)
             self.attach_point_sets(results, point_sets, centers, self.anchor_generator.strides)
         return results
+
+    def forward_training(self, images, features, predictions, gt_instances):
+        predictions, salt = self._split_predictions(predictions)
+        if salt is None:
+            return super().forward_training(images, features, predictions, gt_instances)
+        # Channels per anchor of detectron2's groups: logits, deltas[, FCOS's centerness].
+        dims = [self.num_classes, 4, 1][: len(predictions)]
+        pred_logits, pred_deltas, *centerness = self._transpose_dense_predictions(predictions, dims)
+        anchors = self.anchor_generator(features)
+        gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
+        return self.losses(
+            anchors, pred_logits, gt_labels, pred_deltas, gt_boxes, *centerness, coarse=salt.coarse
+        )
+
+    def losses(self, anchors, pred_logits, gt_labels, pred_deltas, gt_boxes, *rest, coarse=None):
+        """detectron2's losses (``rest``: FCOS's centerness) and, given ``coarse`` (the head's),
+        ``loss_salt_coarse``, computed after them (RetinaNet's reads the normaliser they update)."""
+        losses = super().losses(anchors, pred_logits, gt_labels, pred_deltas, gt_boxes, *rest)
+        if coarse is not None:
+            losses["loss_salt_coarse"] = self.coarse_loss(anchors, coarse, gt_labels, gt_boxes)
+        return losses
 
     def _decode_multi_level_predictions(
         self, anchors, pred_scores, pred_deltas, score_thresh, topk_candidates, image_size
     ) -> Instances:
-        """detectron2's decode (per level: the (anchor, class) pairs scoring above
-        ``score_thresh``, the ``topk_candidates`` best of them), each detection also recording
-        ``pred_levels`` and ``pred_locations`` (its anchor's location, row x Wi + column).
-        Per level: anchors (Ri x A) Boxes, pred_scores (Ri x A, K), pred_deltas (Ri x A, 4)."""
-        num_anchors = self.anchor_generator.num_cell_anchors[0]
-        per_level = []
-        for level, (anchors_i, scores_i, deltas_i) in enumerate(
-            zip(anchors, pred_scores, pred_deltas)
-        ):
-            keep = scores_i > score_thresh
-            scores, pairs = scores_i[keep], keep.nonzero()
-            scores, top = scores.topk(min(len(pairs), topk_candidates))
-            anchor_idx, class_idx = pairs[top].unbind(dim=1)
-            boxes = self.box2box_transform.apply_deltas(
-                deltas_i[anchor_idx], anchors_i.tensor[anchor_idx]
-            )
-            per_level.append(
-                Instances(
-                    image_size,
-                    pred_boxes=Boxes(boxes),
-                    scores=scores,
-                    pred_classes=class_idx,
-                    pred_levels=torch.full_like(class_idx, level),
-                    pred_locations=anchor_idx // num_anchors,
-                )
-            )
-        return Instances.cat(per_level)
+        """detectron2's decoding, each detection also recording where it was decoded:
+        ``pred_levels`` and ``pred_locations`` (row x Wi + column), see :meth:`_decoded_at`."""
+        decode = super()._decode_multi_level_predictions
+        pred = decode(anchors, pred_scores, pred_deltas, score_thresh, topk_candidates, image_size)
+        at = self._decoded_at(pred_scores, score_thresh, topk_candidates, image_size)
+        pred.pred_levels, pred.pred_locations = at
+        return pred
+
+    def _decoded_at(self, pred_scores, score_thresh, topk_candidates, image_size):
+        """(level, location) of each detection that detectron2's decoding keeps from
+        ``pred_scores`` (per level (Hi x Wi x A, K)): the same decoding of the same scores, on
+        zero-size boxes at (x, y) = (anchor index, level) and zero deltas, which RetinaNet's and
+        FCOS's box transforms decode to those boxes exactly."""
+        index_boxes, zeros = [], []
+        for level, scores in enumerate(pred_scores):
+            index = torch.arange(len(scores), device=scores.device, dtype=torch.float32)
+            at_level = torch.full_like(index, level)
+            index_boxes.append(Boxes(torch.stack([index, at_level, index, at_level], dim=1)))
+            zeros.append(index.new_zeros(len(index), 4))
+        decoded = super()._decode_multi_level_predictions(
+            index_boxes, pred_scores, zeros, score_thresh, topk_candidates, image_size
+        )
+        anchor_index, level = decoded.pred_boxes.tensor[:, :2].long().unbind(dim=1)
+        return level, anchor_index // self.anchor_generator.num_cell_anchors[0]
 
 
 @META_ARCH_REGISTRY.register()
@@ -195,8 +240,6 @@ class SALTRetinaNet(_SALTPlugin, RetinaNet):
     YAML: ``MODEL.META_ARCHITECTURE "SALTRetinaNet"`` with detectron2's ``MODEL.RETINANET`` keys
     and ``MODEL.RETINANET.SALT_ON`` / ``SALT_NORM`` / ``SALT_COARSE_LOSS_WEIGHT``.
     """
-
-    _num_groups = 2
 
     @configurable
     def __init__(self, *, loss_coarse_weight: float = 1.0, **kwargs):
@@ -213,18 +256,9 @@ class SALTRetinaNet(_SALTPlugin, RetinaNet):
         ret["loss_coarse_weight"] = cfg.MODEL.RETINANET.SALT_COARSE_LOSS_WEIGHT
         return ret
 
-    def forward_training(self, images, features, predictions, gt_instances):
-        predictions, salt = self._split_predictions(predictions)
-        if salt is None:
-            return super().forward_training(images, features, predictions, gt_instances)
-        pred_logits, pred_deltas = self._transpose_dense_predictions(
-            predictions, [self.num_classes, 4]
-        )
-        anchors = self.anchor_generator(features)
-        gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
-        losses = self.losses(anchors, pred_logits, gt_labels, pred_deltas, gt_boxes)
-        losses["loss_salt_coarse"] = self.coarse_loss(anchors, salt[0], gt_labels, gt_boxes)
-        return losses
+    def _coarse_weights(self, anchors, gt_boxes, positive):
+        """Every positive 1, over the EMA of the positive count that ``losses`` updates."""
+        return positive.float(), self.loss_normalizer
 
 
 @META_ARCH_REGISTRY.register()
@@ -232,23 +266,13 @@ class SALTFCOS(_SALTPlugin, FCOS):
     """detectron2's :class:`FCOS` with a :class:`SALTFCOSHead` (module doc); LazyConfig only,
     as detectron2's FCOS (``configs/plugin/fcos_R_50_FPN_1x_salt.py``)."""
 
-    _num_groups = 3
-
-    def __init__(self, *, loss_coarse_weight: float = 1.0, **kwargs):
+    def __init__(self, *, loss_coarse_weight: float = 0.5, **kwargs):
         super().__init__(**kwargs)
         self.loss_coarse_weight = loss_coarse_weight
 
-    def forward_training(self, images, features, predictions, gt_instances):
-        predictions, salt = self._split_predictions(predictions)
-        if salt is None:
-            return super().forward_training(images, features, predictions, gt_instances)
-        pred_logits, pred_deltas, pred_centerness = self._transpose_dense_predictions(
-            predictions, [self.num_classes, 4, 1]
-        )
-        anchors = self.anchor_generator(features)
-        gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
-        losses = self.losses(
-            anchors, pred_logits, gt_labels, pred_deltas, gt_boxes, pred_centerness
-        )
-        losses["loss_salt_coarse"] = self.coarse_loss(anchors, salt[0], gt_labels, gt_boxes)
-        return losses
+    def _coarse_weights(self, anchors, gt_boxes, positive):
+        """Each positive's centerness target (detectron2's ``compute_ctrness_targets``), over
+        their sum in this batch (0 without positives)."""
+        centerness = self.compute_ctrness_targets(anchors, gt_boxes)
+        centerness = torch.where(positive, centerness, torch.zeros_like(centerness))
+        return centerness, centerness.sum().clamp(min=torch.finfo(torch.float32).tiny)

@@ -46,13 +46,16 @@ def gather_point_sets(
 class PointSetOutputs:
     """Mixin for a :class:`DenseDetector` whose detections can carry the SALT point sets.
 
-    With ``output_point_sets`` set True, inference attaches ``pred_reg_points`` and
-    ``pred_cls_points`` (D, 9, 2) xy pixels to each detection (:meth:`attach_point_sets`, called
-    by the subclass's ``forward_inference``) and :meth:`forward` rescales them to each input's
-    ``height`` / ``width``, as ``detector_postprocess`` does with the boxes.
+    With ``output_point_sets`` (a constructor argument, default False), inference attaches
+    ``pred_reg_points`` and ``pred_cls_points`` (D, 9, 2) xy pixels to each detection
+    (:meth:`attach_point_sets`, called by the subclass's ``forward_inference``) and
+    :meth:`forward` rescales them to each input's ``height`` / ``width``, as
+    ``detector_postprocess`` does with the boxes.
     """
 
-    output_point_sets = False
+    def __init__(self, *args, output_point_sets: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.output_point_sets = output_point_sets
 
     def forward(self, batched_inputs: List[Dict[str, Tensor]]):
         outputs = super().forward(batched_inputs)
