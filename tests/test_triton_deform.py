@@ -131,8 +131,10 @@ def _compare(triton_deform, case, stride=1, rel=1e-4):
         dict(stride=2, n=1),
         dict(modulated=False, groups=4, n=1),
         dict(dtype=torch.float64, stride=2, groups=2),
+        dict(c_in=4, c_out=8, groups=4, n=1, size=(5, 6)),
     ],
-    ids=["modulated", "stride2-batch1", "unmodulated-groups4", "fp64-stride2-groups2"],
+    ids=["modulated", "stride2-batch1", "unmodulated-groups4", "fp64-stride2-groups2",
+         "one-input-channel-per-group"],
 )
 def test_forward_and_gradients_match_torchvision(triton_deform, kwargs):
     stride = kwargs.get("stride", 1)
