@@ -17,7 +17,6 @@ at that size.
 """
 
 import argparse
-import importlib
 import json
 import statistics
 import time
@@ -26,6 +25,7 @@ import torch
 from torch.nn import functional as F
 from torchvision.ops import deform_conv2d
 
+from saltnet.layers.deform_conv import _triton_module
 from saltnet.layers.gather_deform import gather_deform_conv2d
 
 # (label, N, C, H, W, groups)
@@ -42,13 +42,6 @@ DEFAULT_SHAPES = [
 ]
 SMOKE_SHAPES = [("smoke", 1, 16, 6, 8, 1)]
 REFERENCE = "dense bf16 CL"
-
-
-def _triton_module():
-    try:
-        return importlib.import_module("saltnet.layers.triton_deform")
-    except ImportError:
-        return None
 
 
 def methods(device):
