@@ -62,3 +62,18 @@ def test_failing_command_fails_its_step_with_its_log(check, tmp_path, code, time
     assert result.status == status
     assert "hello" in (tmp_path / "check.log").read_text()
     assert "hello" in check.format_report({}, [result])  # the log tail of a failed step
+
+
+def test_targets_are_the_issue_ratios(check):
+    deform = {"P3": {"torchvision": {"fwd_bwd_ms": 90.0}, "triton bf16": {"fwd_bwd_ms": 20.0},
+                     "dense bf16 CL": {"fwd_bwd_ms": 8.0}}}
+    assert check.deform_targets(deform) == {
+        "P3 triton bf16 / dense bf16 CL (target <= 4)": 2.5,
+        "P3 torchvision fp32 / triton bf16 (target >= 3)": 4.5,
+    }
+    assert check.deform_targets({"smoke": deform["P3"]}) == {}
+    models = {"SALT-Net R50-FPN": {"train_b8_amp_it_s": 3.0, "infer_b8_amp_img_s": "failed: x"},
+              "FCOS R50-FPN": {"train_b8_amp_it_s": 4.0, "infer_b8_amp_img_s": 30.0}}
+    assert check.model_targets("triton", models) == {
+        "triton: SALT-Net / FCOS train_b8_amp_it_s (target >= 0.8)": 0.75
+    }
