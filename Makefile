@@ -2,8 +2,9 @@
 # Both run `make setup` first; a second setup finds everything in place and installs nothing.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+PYTHON ?= python3
 
-.PHONY: setup demo test lint env
+.PHONY: setup demo test lint env device-kit
 
 setup:
 	bash scripts/setup_env.sh
@@ -20,3 +21,7 @@ lint: setup
 
 env: setup
 	$(PY) -m saltnet.collect_env
+
+# .device/: the offline wheels tools/device/check.sh installs on a GPU machine (DEVELOPERS.md).
+device-kit:
+	$(PYTHON) scripts/build_device_kit.py

@@ -29,7 +29,7 @@ def test_smoke_run_times_every_method_and_checks_agreement(tmp_path):
     (results,) = json.loads(output.read_text()).values()
     assert list(results) == FP32_METHODS + ["triton bf16"] + DENSE_METHODS
     for name, row in results.items():
-        assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0, name
+        assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0 and row["first_call_ms"] > 0, name
         assert f"| smoke | {name} |" in proc.stdout
     for name in FP32_METHODS:
         assert results[name]["max_rel_diff"] < 1e-5, name

@@ -25,7 +25,7 @@ from saltnet.config import load_yaml_config
 from saltnet.layers import DeformConv, ModulatedDeformConv
 from saltnet.layers import deform_conv as deform_conv_module
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 MODULE = "saltnet.layers.triton_deform"
 INTERPRETED_RUN = os.environ.get("TRITON_INTERPRET") == "1"
@@ -131,8 +131,10 @@ def _compare(triton_deform, case, stride=1, rel=1e-4):
         dict(stride=2, n=1),
         dict(modulated=False, groups=4, n=1),
         dict(dtype=torch.float64, stride=2, groups=2),
+        dict(c_in=4, c_out=8, groups=4, n=1, size=(5, 6)),
     ],
-    ids=["modulated", "stride2-batch1", "unmodulated-groups4", "fp64-stride2-groups2"],
+    ids=["modulated", "stride2-batch1", "unmodulated-groups4", "fp64-stride2-groups2",
+         "one-input-channel-per-group"],
 )
 def test_forward_and_gradients_match_torchvision(triton_deform, kwargs):
     stride = kwargs.get("stride", 1)
@@ -223,6 +225,32 @@ def test_cpu_without_interpreter_runs_gather_and_says_so_once(monkeypatch, fresh
         "Deformable-conv backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 before "
         "Triton is imported; using 'gather'."
     ]
+
+
+@pytest.mark.skipif(INTERPRETED_RUN, reason="compiles, needs no interpreter")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_kernels_compile_for_hopper_without_a_gpu(dtype):
+    """Triton's code generator and ptxas need no GPU: the compiled kernels, which only a GPU
+    runs, at least build for sm_90 (H100 / H200), operands in ``dtype``, coordinates fp32."""
+    pytest.importorskip("triton.backends.nvidia")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module = importlib.import_module(MODULE)
+    operands = {"x_ptr", "w_ptr", "gout_ptr", "out_ptr"}
+    dot = module._IEEE if dtype == "fp32" else module._NATIVE
+    flags = dict(HAS_MASK=True, HAS_BIAS=True, DOT=dot, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
+    for kernel in (module._forward_kernel, module._grad_weight_kernel, module._grad_input_kernel):
+        signature = {
+            p.name: "constexpr" if p.is_constexpr
+            else ("*" + (dtype if p.name in operands else "fp32")) if p.name.endswith("_ptr")
+            else "i32"
+            for p in kernel.params
+        }
+        constexprs = {p.name: flags[p.name] for p in kernel.params if p.is_constexpr}
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs),
+                                  target=GPUTarget("cuda", 90, 32))
+        assert compiled.asm["cubin"], kernel.fn.__name__
 
 
 def _quick_model_grads(backend, state=None):

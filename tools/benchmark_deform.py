@@ -6,18 +6,18 @@
     TRITON_INTERPRET=1 python tools/benchmark_deform.py --smoke   # tiny CPU run (tests)
 
 For each shape (N x C x H x W, C -> C channels, stride 1, padding 1, offsets of a few pixels):
-forward and forward+backward milliseconds (median over --iters after --warmup) of
-torchvision's ``deform_conv2d`` (fp32), the ``gather`` backend (fp32), the Triton kernels
-(fp32, bf16) and a dense ``conv2d`` (fp32, bf16, bf16 channels-last); the ratio of each to the
-bf16 channels-last dense conv and to torchvision; and each method's largest output difference
-from torchvision relative to torchvision's largest output (fp32 methods should be ~1e-6).
+forward and forward+backward milliseconds (median over --iters after --warmup) of torchvision's
+``deform_conv2d`` (fp32), the ``gather`` backend (fp32), the Triton kernels (fp32, bf16) and a
+dense ``conv2d`` (fp32, bf16, bf16 channels-last); the ratio of each to the bf16 channels-last
+dense conv and to torchvision; each method's largest output difference from torchvision
+relative to torchvision's largest output (fp32 methods should be ~1e-6); and, apart, the time of
+the first forward and forward+backward, where Triton compiles its kernels.
 Default shapes: the SALT head's P3-P7 of an 800 x 1344 (padded 800 x 1333) batch of 8, and the
 3 x 3 convs of the deformable res4 / res5 stages of R-101 (1 group) and X-101 32x4d (32 groups)
 at that size.
 """
 
 import argparse
-import importlib
 import json
 import statistics
 import time
@@ -26,6 +26,7 @@ import torch
 from torch.nn import functional as F
 from torchvision.ops import deform_conv2d
 
+from saltnet.layers.deform_conv import _triton_module
 from saltnet.layers.gather_deform import gather_deform_conv2d
 
 # (label, N, C, H, W, groups)
@@ -42,13 +43,6 @@ DEFAULT_SHAPES = [
 ]
 SMOKE_SHAPES = [("smoke", 1, 16, 6, 8, 1)]
 REFERENCE = "dense bf16 CL"
-
-
-def _triton_module():
-    try:
-        return importlib.import_module("saltnet.layers.triton_deform")
-    except ImportError:
-        return None
 
 
 def methods(device):
@@ -124,10 +118,15 @@ def measure(shape, names, device, warmup, iters):
         def forward_backward():
             torch.autograd.backward(fn(xi, oi, wi, groups), grad)
 
+        start = time.perf_counter()  # the first calls: Triton compiles its kernels here
         out = forward().float().cpu()
+        forward_backward()
+        _sync(device)
+        first_ms = (time.perf_counter() - start) * 1000
         if name == "torchvision":
             reference = out
         row = {
+            "first_call_ms": first_ms,
             "fwd_ms": time_ms(forward, device, warmup, iters),
             "fwd_bwd_ms": time_ms(forward_backward, device, warmup, iters),
         }
@@ -140,15 +139,15 @@ def measure(shape, names, device, warmup, iters):
 def format_table(all_results):
     lines = [
         "| shape | method | fwd ms | fwd+bwd ms | fwd+bwd / dense bf16 CL | fwd+bwd / torchvision "
-        "| max rel. diff vs torchvision |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| max rel. diff vs torchvision | first fwd + fwd+bwd ms |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for label, results in all_results.items():
         ref = results.get(REFERENCE, {}).get("fwd_bwd_ms")
         tv = results.get("torchvision", {}).get("fwd_bwd_ms")
         for name, row in results.items():
             if "error" in row:
-                lines.append(f"| {label} | {name} | {row['error']} | | | | |")
+                lines.append(f"| {label} | {name} | {row['error']} | | | | | |")
                 continue
             ms = row["fwd_bwd_ms"]
             ratio_ref = f"{ms / ref:.2f}" if ref else "-"
@@ -156,7 +155,7 @@ def format_table(all_results):
             diff = f"{row['max_rel_diff']:.1e}" if "max_rel_diff" in row else "-"
             lines.append(
                 f"| {label} | {name} | {row['fwd_ms']:.2f} | {ms:.2f} | {ratio_ref} | {ratio_tv} "
-                f"| {diff} |"
+                f"| {diff} | {row['first_call_ms']:.0f} |"
             )
     return "\n".join(lines)
 

@@ -28,7 +28,8 @@ __all__ = ["INTERPRETED", "triton_deform_conv2d", "unsupported"]
 # True if this module's kernels run on Triton's CPU interpreter (TRITON_INTERPRET=1 at import).
 INTERPRETED = bool(knobs.runtime.interpret)
 
-_POINTS = 9  # 3 x 3 kernel points, raster order
+# 3 x 3 kernel points, raster order; a constexpr so that the kernels can read it too.
+_POINTS = tl.constexpr(9)
 
 
 def unsupported(x, weight, stride, padding, dilation, deformable_groups) -> str:
@@ -54,7 +55,7 @@ def _position(off_ptr, n64, p, oy, ox, m_ok, H, W, HWo, k, stride_h, stride_w, p
     top-left corner (y0, x0) (int32) and the fractions (ly, lx). Positions are clamped to
     [-2, size + 1] first: all four corners stay outside the image when they were."""
     ct = off_ptr.dtype.element_ty
-    base = n64 * (2 * 9 * HWo) + p
+    base = n64 * (HWo * (2 * _POINTS)) + p
     dy = tl.load(off_ptr + base + (2 * k) * HWo, mask=m_ok, other=0.0)
     dx = tl.load(off_ptr + base + (2 * k + 1) * HWo, mask=m_ok, other=0.0)
     py = tl.minimum(tl.maximum((oy * stride_h - pad_h + k // 3).to(ct) + dy, -2.0), H + 1.0)
@@ -90,7 +91,7 @@ def _sample(x_ptr, off_ptr, mask_ptr, n64, p, oy, ox, m_ok, k, cols, c_ok,
     wx = lx[:, None]
     val = (1 - wy) * ((1 - wx) * v00 + wx * v01) + wy * ((1 - wx) * v10 + wx * v11)
     if HAS_MASK:
-        val = val * tl.load(mask_ptr + n64 * (9 * HWo) + k * HWo + p, mask=m_ok, other=0.0)[
+        val = val * tl.load(mask_ptr + n64 * (HWo * _POINTS) + k * HWo + p, mask=m_ok, other=0.0)[
             :, None
         ]
     return val
@@ -136,7 +137,7 @@ def _forward_kernel(
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < Og
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ct)
-    for k in range(9):
+    for k in range(_POINTS):
         for c0 in range(0, Cg, BLOCK_K):
             rc = c0 + tl.arange(0, BLOCK_K)
             c_ok = rc < Cg
@@ -210,7 +211,7 @@ def _grad_input_kernel(
     wx = lx[:, None]
     img64 = n64 * H * W
     if HAS_MASK:
-        mval = tl.load(mask_ptr + n64 * (9 * HWo) + k * HWo + p, mask=m_ok, other=0.0)
+        mval = tl.load(mask_ptr + n64 * (HWo * _POINTS) + k * HWo + p, mask=m_ok, other=0.0)
     else:
         mval = tl.full((BLOCK_M,), 1.0, ct)
     g_dy = tl.zeros((BLOCK_M,), dtype=ct)
@@ -248,11 +249,11 @@ def _grad_input_kernel(
         tl.atomic_add(gx_ptr + a01, gm * (1 - wy) * wx, mask=ok01)
         tl.atomic_add(gx_ptr + a10, gm * wy * (1 - wx), mask=ok10)
         tl.atomic_add(gx_ptr + a11, gm * wy * wx, mask=ok11)
-    base = n64 * (2 * 9 * HWo) + p
+    base = n64 * (HWo * (2 * _POINTS)) + p
     tl.atomic_add(goff_ptr + base + (2 * k) * HWo, g_dy, mask=m_ok)
     tl.atomic_add(goff_ptr + base + (2 * k + 1) * HWo, g_dx, mask=m_ok)
     if HAS_MASK:
-        tl.atomic_add(gmask_ptr + n64 * (9 * HWo) + k * HWo + p, g_mask, mask=m_ok)
+        tl.atomic_add(gmask_ptr + n64 * (HWo * _POINTS) + k * HWo + p, g_mask, mask=m_ok)
 
 
 def _blocks(c_per_group: int, out_per_group: int):
@@ -305,13 +306,13 @@ class _TritonDeformConv(torch.autograd.Function):
                      BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
         mask_arg = offset if mask is None else mask
         grad_w = torch.empty(w.shape, device=x.device, dtype=ct)
-        grid = (_POINTS * triton.cdiv(c_per_group, block_k),
+        grid = (_POINTS.value * triton.cdiv(c_per_group, block_k),
                 triton.cdiv(out_per_group, block_n), groups)
         _grad_weight_kernel[grid](x, offset, mask_arg, grad_out, grad_w, *ctx.geometry, **flags)
         grad_x = torch.zeros(x.shape, device=x.device, dtype=ct)
         grad_offset = torch.zeros_like(offset)
         grad_mask = torch.zeros_like(offset) if mask is None else torch.zeros_like(mask)
-        grid = (triton.cdiv(rows, block_m), _POINTS, groups)
+        grid = (triton.cdiv(rows, block_m), _POINTS.value, groups)
         _grad_input_kernel[grid](
             x, offset, mask_arg, w, grad_out, grad_x, grad_offset, grad_mask, *ctx.geometry,
             **flags,
@@ -345,7 +346,10 @@ def triton_deform_conv2d(x, offset, mask, weight, bias, stride, padding, dilatio
             x.to(dtype).permute(0, 2, 3, 1).contiguous(),
             offset.to(coords).contiguous(),
             None if mask is None else mask.to(coords).contiguous(),
-            weight.to(dtype).permute(2, 3, 1, 0).reshape(_POINTS * c_per_group, c_out),
+            # contiguous: the kernels index it so, and with one input channel per group the
+            # permuted weight reshapes to a strided view.
+            weight.to(dtype).permute(2, 3, 1, 0).reshape(_POINTS.value * c_per_group, c_out)
+            .contiguous(),
             None if bias is None else bias.to(coords),
             tuple(stride),
             tuple(padding),
