@@ -4,18 +4,17 @@ asserts: speed is measured on the GPU and reported in the README)."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO_ROOT
 
 
 @pytest.mark.slow
 def test_benchmark_smoke_run(tmp_path):
     out = tmp_path / "bench.json"
+    tool = REPO_ROOT / "tools" / "benchmark.py"
     done = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "benchmark.py"), "--smoke", "--output", str(out)],
+        [sys.executable, str(tool), "--smoke", "--output", str(out)],
         capture_output=True,
         text=True,
         timeout=900,

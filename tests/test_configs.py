@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
-from detectron2.modeling import BACKBONE_REGISTRY, build_model
+from detectron2.modeling import build_model
 from detectron2.solver import build_lr_scheduler
 
 from saltnet.config import load_yaml_config
@@ -111,8 +111,6 @@ def test_gflv2_baseline_switches_salt_off():
 @pytest.mark.parametrize("name", YAMLS)
 def test_every_yaml_builds_a_model_that_runs_on_cpu(name):
     cfg = _cfg(name)
-    if cfg.MODEL.BACKBONE.NAME not in BACKBONE_REGISTRY:
-        pytest.skip(f"backbone {cfg.MODEL.BACKBONE.NAME} is not registered")
     model = build_model(cfg).eval()
     image = torch.randint(0, 256, (3, 64, 80)).float()
     with torch.no_grad():

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
+from helpers import QUICK_YAML
 
 from saltnet.data import (
     SYNTHETIC_CLASSES,
@@ -20,8 +21,6 @@ from saltnet.data import (
     synthetic,
 )
 from saltnet.data.loader import load_train_dataset_dicts
-
-QUICK_YAML = "configs/quick_schedule/salt_R_18_synthetic.yaml"
 
 
 def _name(prefix: str) -> str:

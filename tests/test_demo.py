@@ -6,11 +6,10 @@ import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
+from helpers import QUICK_YAML
 
 from saltnet.config import load_yaml_config
 from saltnet.visualize import point_set_predictor
-
-QUICK_YAML = "configs/quick_schedule/salt_R_18_synthetic.yaml"
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
+from helpers import QUICK_YAML
 
 from saltnet.export import (
     ExportedPredictor,
@@ -20,7 +21,6 @@ from saltnet.export import (
     resize_for_test,
 )
 
-QUICK_YAML = "configs/quick_schedule/salt_R_18_synthetic.yaml"
 VARIANTS = {
     "salt": [],
     "salt_off": ["MODEL.SALTNET.SALT_ON", "False"],

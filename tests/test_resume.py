@@ -4,9 +4,9 @@ import itertools
 
 import pytest
 import torch
-from conftest import QUICK_YAML, TINY_OPTS
 from detectron2.engine import HookBase
 from detectron2.utils.env import seed_all_rng
+from helpers import QUICK_YAML, TINY_OPTS
 
 from saltnet.config import load_yaml_config
 from saltnet.data import register_datasets_from_cfg
