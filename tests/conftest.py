@@ -6,8 +6,17 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from filelock import FileLock
 from helpers import QUICK_YAML, REPO_ROOT, TINY_OPTS
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``make test``) the workers share the cores: one thread each, for
+    torch in the worker and for the processes it starts."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +63,8 @@ def run_tool(synthetic_root):
 def quick_train(run_tool, tmp_path_factory):
     """A 12-iteration training run of the quick-schedule config through train_net.py.
 
-    Returns (output directory, CompletedProcess).
+    Returns (output directory, CompletedProcess). Its tests are in the xdist group
+    ``quick_train``, so that one worker trains once.
     """
     out = tmp_path_factory.mktemp("quick_train")
     proc = run_tool("train_net.py", "--config-file", QUICK_YAML, *TINY_OPTS, "OUTPUT_DIR", out)
