@@ -12,8 +12,9 @@ setup:
 demo: setup
 	$(PY) tools/demo_job.py
 
+# Two workers (the CI machine's cores); tests that share an expensive fixture stay together.
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadgroup
 
 lint: setup
 	$(PY) -m flake8 projects tests tools train_net.py demo scripts

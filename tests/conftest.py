@@ -1,33 +1,22 @@
-"""Shared fixtures: the synthetic dataset (generated once) and a tiny trained SALT-Net."""
+"""Shared fixtures: the synthetic dataset (generated once) and a tiny trained SALT-Net; the
+constants and plain helpers are in helpers.py."""
 
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from detectron2.structures import Boxes, Instances
+from filelock import FileLock
+from helpers import QUICK_YAML, REPO_ROOT, TINY_OPTS
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-QUICK_YAML = "configs/quick_schedule/salt_R_18_synthetic.yaml"
-# Shrinks the quick-schedule config to a few seconds of CPU: batch 2, 96 px images, no workers;
-# a zero score threshold so that even an untrained model yields detections (and an AP table).
-# fmt: off
-TINY_OPTS = [
-    "SOLVER.IMS_PER_BATCH", "2",
-    "SOLVER.MAX_ITER", "12",
-    "SOLVER.STEPS", "(8,)",
-    "SOLVER.WARMUP_ITERS", "4",
-    "SOLVER.CHECKPOINT_PERIOD", "6",
-    "INPUT.MIN_SIZE_TRAIN", "(96,)",
-    "INPUT.MAX_SIZE_TRAIN", "96",
-    "INPUT.MIN_SIZE_TEST", "96",
-    "INPUT.MAX_SIZE_TEST", "96",
-    "DATALOADER.NUM_WORKERS", "0",
-    "MODEL.SALTNET.SCORE_THRESH_TEST", "0.0",
-]
-# fmt: on
+
+def pytest_configure(config):
+    """Under pytest-xdist (``make test``) the workers share the cores: one thread each, for
+    torch in the worker and for the processes it starts."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +32,9 @@ def synthetic_root() -> str:
     from saltnet.data.synthetic import prepare_synthetic_dataset
 
     root = os.environ.get("SALTNET_SYNTHETIC_ROOT") or REPO_ROOT / "datasets" / "saltnet_synthetic"
-    return prepare_synthetic_dataset(str(root))
+    # One generation when pytest-xdist's workers ask at once: the others wait, then find it.
+    with FileLock(f"{root}.lock"):
+        return prepare_synthetic_dataset(str(root))
 
 
 @pytest.fixture(scope="session")
@@ -72,21 +63,9 @@ def run_tool(synthetic_root):
 def quick_train(run_tool, tmp_path_factory):
     """A 12-iteration training run of the quick-schedule config through train_net.py.
 
-    Returns (output directory, CompletedProcess).
+    Returns (output directory, CompletedProcess). Its tests are in the xdist group
+    ``quick_train``, so that one worker trains once.
     """
     out = tmp_path_factory.mktemp("quick_train")
     proc = run_tool("train_net.py", "--config-file", QUICK_YAML, *TINY_OPTS, "OUTPUT_DIR", out)
     return out, proc
-
-
-def two_image_batch():
-    """Model inputs: two 64 x 64 training images, one with two boxes, one without any."""
-    generator = torch.Generator().manual_seed(0)
-    inputs = []
-    for boxes in ([[4.0, 6.0, 40.0, 30.0], [20.0, 20.0, 60.0, 62.0]], []):
-        instances = Instances((64, 64))
-        instances.gt_boxes = Boxes(torch.tensor(boxes).reshape(-1, 4))
-        instances.gt_classes = torch.arange(len(boxes))
-        image = torch.randint(0, 255, (3, 64, 64), generator=generator, dtype=torch.uint8)
-        inputs.append({"image": image, "instances": instances})
-    return inputs

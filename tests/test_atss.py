@@ -180,47 +180,6 @@ def _random_problem(seed: int, num_gts: int):
     return levels, gts
 
 
-def test_random_assignment_properties():
-    topk = 9
-    levels, gts = _random_problem(seed=0, num_gts=300)
-    matched = atss_assign(levels, gts, topk=topk)
-    anchors = torch.cat(levels)
-    assert matched.shape == (anchors.shape[0],)
-    assert matched.dtype == torch.long
-    assert ((matched >= -1) & (matched < gts.shape[0])).all()
-
-    pos = matched >= 0
-    assert pos.sum() > 0
-    pos_anchors, pos_gts = anchors[pos], gts[matched[pos]]
-    centers = (pos_anchors[:, :2] + pos_anchors[:, 2:]) / 2
-    # Centre strictly inside the assigned gt.
-    assert (centers - pos_gts[:, :2] > 0.01).all()
-    assert (pos_gts[:, 2:] - centers > 0.01).all()
-
-    # The anchor is among the topk anchors of its level closest to the gt centre.
-    level_of = torch.cat([torch.full((len(a),), i) for i, a in enumerate(levels)])
-    all_centers = (anchors[:, :2] + anchors[:, 2:]) / 2
-    gt_centers = (pos_gts[:, :2] + pos_gts[:, 2:]) / 2
-    dist_to_own_gt = (all_centers[None] - gt_centers[:, None]).norm(dim=-1)  # (P, R)
-    own_dist = (centers - gt_centers).norm(dim=-1)
-    same_level = level_of[None] == level_of[pos][:, None]
-    closer = ((dist_to_own_gt < own_dist[:, None] - 1e-4) & same_level).sum(dim=1)
-    assert (closer < topk).all()
-
-    # No gt has more positives than candidates.
-    counts = torch.bincount(matched[pos], minlength=gts.shape[0])
-    assert counts.max() <= topk * len(levels)
-
-
-def test_random_assignment_is_permutation_equivariant():
-    levels, gts = _random_problem(seed=1, num_gts=50)
-    matched = atss_assign(levels, gts)
-    perm = torch.randperm(50, generator=torch.Generator().manual_seed(2))
-    matched_perm = atss_assign(levels, gts[perm])
-    remapped = torch.where(matched_perm >= 0, perm[matched_perm.clamp(min=0)], -1)
-    assert torch.equal(remapped, matched)
-
-
 def test_gt_outside_image_does_not_disturb_others():
     levels, gts = _random_problem(seed=3, num_gts=40)
     matched = atss_assign(levels, gts)

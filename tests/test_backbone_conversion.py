@@ -7,7 +7,6 @@ import pickle
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
+from helpers import REPO_ROOT
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from saltnet import add_saltnet_config
@@ -32,7 +32,6 @@ from saltnet.convert_backbone import (
 from saltnet.modeling.res2net import build_saltnet_res2net_backbone
 from saltnet.modeling.resnet import build_saltnet_resnet_backbone
 
-REPO = Path(__file__).resolve().parents[1]
 STAGES = ["res2", "res3", "res4", "res5"]
 
 
@@ -228,7 +227,7 @@ def test_unmapped_keys_fail_loudly():
 
 def saltnet_r50():
     opts = ["MODEL.SALTNET.NUM_CLASSES", "3", "MODEL.DEVICE", "cpu"]
-    return build_model(load_yaml_config(str(REPO / "configs" / "salt_R_50_FPN_1x.yaml"), opts))
+    return build_model(load_yaml_config(str(REPO_ROOT / "configs" / "salt_R_50_FPN_1x.yaml"), opts))
 
 
 def test_detectron2_model_zoo_pickles_still_load(tmp_path):
@@ -284,7 +283,7 @@ def test_saved_checkpoint_loads_by_exact_name(tmp_path, suffix):
 
 
 def run_tool(*args):
-    tool = str(REPO / "tools" / "convert_backbone_weights.py")
+    tool = str(REPO_ROOT / "tools" / "convert_backbone_weights.py")
     return subprocess.run([sys.executable, tool, *args], capture_output=True, text=True)
 
 
@@ -295,7 +294,7 @@ def test_command_line_tool(tmp_path):
     src, dst = tmp_path / "res2net50d.safetensors", tmp_path / "R2-50.pkl"
     source = randomize_bn_(timm.create_model("res2net50d", pretrained=False))
     save_file(source.state_dict(), str(src))
-    config = str(REPO / "configs" / "salt_R2_101_FPN_2x_ms_dcnx.yaml")
+    config = str(REPO_ROOT / "configs" / "salt_R2_101_FPN_2x_ms_dcnx.yaml")
     r2_50 = ["--opts", "MODEL.RES2NET.DEPTH", "50"]
     done = run_tool("timm-res2net", str(src), str(dst), "--config-file", config, *r2_50)
     assert done.returncode == 0, done.stderr

@@ -2,7 +2,6 @@
 the P3-P7 FPN, and every paper config built and run on CPU."""
 
 import functools
-from pathlib import Path
 
 import pytest
 import timm
@@ -11,6 +10,7 @@ from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.modeling.backbone import resnet as d2_resnet
+from helpers import REPO_ROOT
 from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
@@ -21,7 +21,6 @@ from saltnet.modeling.head import _ModulatedDeformTowerConv
 from saltnet.modeling.res2net import Bottle2neckBlock, DeepStem, build_saltnet_res2net_backbone
 from saltnet.modeling.resnet import DeformBottleneckBlock, build_saltnet_resnet_backbone
 
-REPO = Path(__file__).resolve().parents[1]
 STAGES = ["res2", "res3", "res4", "res5"]
 
 
@@ -233,7 +232,7 @@ def test_paper_config_builds_and_runs(name, backend):
             pytest.skip("no deformable conv in this model")
         device = "cuda"
     cfg = load_yaml_config(
-        str(REPO / "configs" / f"{name}.yaml"),
+        str(REPO_ROOT / "configs" / f"{name}.yaml"),
         ["MODEL.DEVICE", device, "MODEL.SALTNET.DEFORM_BACKEND", backend],
     )
     torch.manual_seed(0)

@@ -5,19 +5,18 @@ import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import REPO_ROOT
 from PIL import Image
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 def test_benchmark_smoke_run(tmp_path):
     out = tmp_path / "bench.json"
+    tool = REPO_ROOT / "tools" / "benchmark.py"
     done = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "benchmark.py"), "--smoke", "--output", str(out)],
+        [sys.executable, str(tool), "--smoke", "--output", str(out)],
         capture_output=True,
         text=True,
         timeout=900,
@@ -44,7 +43,7 @@ def test_benchmark_smoke_run(tmp_path):
 
 
 def test_chart_has_one_bar_per_measured_throughput(tmp_path):
-    spec = importlib.util.spec_from_file_location("benchmark", REPO / "tools" / "benchmark.py")
+    spec = importlib.util.spec_from_file_location("benchmark", REPO_ROOT / "tools" / "benchmark.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     stored = tmp_path / "bench.json"

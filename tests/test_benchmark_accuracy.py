@@ -5,7 +5,7 @@ import json
 import shutil
 
 import pytest
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 from PIL import Image
 
 

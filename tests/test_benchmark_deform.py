@@ -5,11 +5,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 FP32_METHODS = ["torchvision", "gather", "triton fp32"]
 DENSE_METHODS = ["dense fp32", "dense bf16", "dense bf16 CL"]
 

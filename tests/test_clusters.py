@@ -14,9 +14,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import QUICK_YAML, REPO_ROOT, TINY_OPTS
 from detectron2.engine import HookBase, SimpleTrainer, default_argument_parser
 from detectron2.utils import comm
+from helpers import QUICK_YAML, REPO_ROOT, TINY_OPTS
 
 from saltnet.checkpoint import AtomicCheckpointer
 from saltnet.launch import (

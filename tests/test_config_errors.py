@@ -1,9 +1,9 @@
 """Config mistakes give errors that name the problem, where it is and the valid choices."""
 
-from pathlib import Path
 
 import pytest
 from detectron2.modeling import build_model
+from helpers import QUICK_YAML, REPO_ROOT
 
 from saltnet.config import get_saltnet_cfg
 from saltnet.config_checks import (
@@ -12,9 +12,6 @@ from saltnet.config_checks import (
     check_config,
     merge_config,
 )
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-QUICK_YAML = "configs/quick_schedule/salt_R_18_synthetic.yaml"
 
 
 def saltnet_cfg():

@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 from detectron2.config import LazyConfig, instantiate
-from detectron2.modeling import BACKBONE_REGISTRY, build_model
+from detectron2.modeling import build_model
 from detectron2.solver import build_lr_scheduler
 from omegaconf import ListConfig
 
@@ -116,8 +116,6 @@ def test_gflv2_baseline_switches_salt_off():
 @pytest.mark.parametrize("name", YAMLS)
 def test_every_yaml_builds_a_model_that_runs_on_cpu(name):
     cfg = _cfg(name)
-    if cfg.MODEL.BACKBONE.NAME not in BACKBONE_REGISTRY:
-        pytest.skip(f"backbone {cfg.MODEL.BACKBONE.NAME} is not registered")
     model = build_model(cfg).eval()
     image = torch.randint(0, 256, (3, 64, 80)).float()
     with torch.no_grad():

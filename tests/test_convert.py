@@ -4,11 +4,11 @@ computes is in ``test_release_parity.py``.)"""
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from detectron2.layers import ShapeSpec
+from helpers import REPO_ROOT
 from release_reference import release_neck_and_head
 
 from saltnet import SALTHead
@@ -18,7 +18,6 @@ from saltnet.convert import (
     convert_mmdet_saltnet_state_dict,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 C, K, LEVELS, REG_MAX = 32, 3, 5, 16
 
 
@@ -73,7 +72,7 @@ def test_unmapped_and_conflicting_keys_fail_loudly():
 def test_command_line_tool(tmp_path):
     src, dst = tmp_path / "mmdet.pth", tmp_path / "d2.pth"
     torch.save({"state_dict": release_head(), "meta": {}}, src)
-    tool = str(REPO / "tools" / "convert_mmdet_checkpoint.py")
+    tool = str(REPO_ROOT / "tools" / "convert_mmdet_checkpoint.py")
     done = subprocess.run(
         [sys.executable, tool, str(src), str(dst), "--num-classes", str(K)],
         capture_output=True,

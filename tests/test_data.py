@@ -10,9 +10,9 @@ import uuid
 import cv2
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
+from helpers import QUICK_YAML, REPO_ROOT
 
 from saltnet.data import (
     SYNTHETIC_CLASSES,
@@ -23,8 +23,6 @@ from saltnet.data import (
     synthetic,
 )
 from saltnet.data.loader import load_train_dataset_dicts
-
-QUICK_YAML = "configs/quick_schedule/salt_R_18_synthetic.yaml"
 
 
 def _name(prefix: str) -> str:

@@ -6,13 +6,12 @@ import uuid
 import numpy as np
 import pytest
 import torch
-from conftest import QUICK_YAML, REPO_ROOT
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, BoxMode, Instances
 from detectron2.utils.events import EventStorage
+from helpers import QUICK_YAML, REPO_ROOT
 from PIL import Image
 
 from saltnet.config import load_yaml_config
@@ -61,17 +60,6 @@ def test_box_policy_drops_and_keeps(caplog):
     text = caplog.text
     assert "dropped 1 boxes with inverted corners, e.g. annotation id 8 of image 'img.jpg'" in text
     assert "dropped 3 boxes narrower or lower than 1.0 px inside the image" in text
-
-
-def test_detectron2s_mapper_clips_boxes_partly_outside_the_image(tmp_path):
-    """The clipping of the README's policy is detectron2's (after resizing): no second copy."""
-    path = _write_image(tmp_path / "img.png", np.zeros((50, 100, 3), np.uint8))
-    record = _record([_ann([-5, 40, 30, 60]), _ann([90, 10, 110, 15])], file_name=path)
-    (record,) = sanitize_dataset_dicts([record], num_classes=2)
-    mapper = SALTNetDatasetMapper(load_yaml_config(QUICK_YAML), is_train=True)
-    mapper.augmentations = T.AugmentationList([])  # no resize, no flip: pixels as given
-    boxes = mapper(record)["instances"].gt_boxes.tensor.tolist()
-    assert boxes == [[0, 40, 30, 50], [90, 10, 100, 15]]
 
 
 @pytest.mark.parametrize(

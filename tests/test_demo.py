@@ -7,11 +7,12 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig
 from detectron2.modeling import build_model
+from helpers import QUICK_YAML
 
 from saltnet.config import load_yaml_config
 from saltnet.predictor import Predictor
 
-QUICK_YAML = "configs/quick_schedule/salt_R_18_synthetic.yaml"
+pytestmark = pytest.mark.xdist_group("quick_train")  # see conftest.quick_train
 
 
 @pytest.fixture(scope="module")

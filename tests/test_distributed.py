@@ -6,11 +6,11 @@ import socket
 
 import pytest
 import torch
-from conftest import QUICK_YAML, TINY_OPTS, two_image_batch
 from detectron2.engine import launch
 from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
+from helpers import QUICK_YAML, TINY_OPTS, two_image_batch
 
 from saltnet.config import load_yaml_config
 

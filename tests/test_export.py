@@ -8,6 +8,7 @@ import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
+from helpers import QUICK_YAML
 
 from saltnet.export import (
     ExportedPredictor,
@@ -20,7 +21,6 @@ from saltnet.export import (
     resize_for_test,
 )
 
-QUICK_YAML = "configs/quick_schedule/salt_R_18_synthetic.yaml"
 VARIANTS = {
     "salt": [],
     "salt_off": ["MODEL.SALTNET.SALT_ON", "False"],
@@ -47,7 +47,13 @@ def images(*sizes, seed: int = 0):
     return [torch.rand(3, h, w, generator=generator) * 255 for h, w in sizes]
 
 
-@pytest.fixture(scope="module", params=sorted(VARIANTS))
+# One xdist group per variant: its tests run on one worker, which exports it once.
+EXPORT_GROUPS = [
+    pytest.param(v, marks=pytest.mark.xdist_group(f"export_{v}")) for v in sorted(VARIANTS)
+]
+
+
+@pytest.fixture(scope="module", params=EXPORT_GROUPS)
 def exported(request, tiny_opts, tmp_path_factory):
     """(variant, model, {format: path}): a quick-config model with a random head, exported to
     TorchScript and ONNX on one 96 x 128 image."""

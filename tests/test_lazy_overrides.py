@@ -1,8 +1,8 @@
 """LazyConfig overrides with unknown keys are rejected (detectron2 would add them silently)."""
 
 import pytest
-from conftest import REPO_ROOT
 from detectron2.config import LazyConfig
+from helpers import REPO_ROOT
 
 from saltnet.config_checks import UnknownConfigKeyError
 from saltnet.lazy_overrides import check_lazy_overrides

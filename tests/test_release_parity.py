@@ -7,7 +7,6 @@ backbones, mmdetection's FPN and the SALT head written with functional ops)."""
 
 import subprocess
 import sys
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -19,6 +18,7 @@ from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.structures import ImageList
 from detectron2.utils.events import EventStorage
+from helpers import REPO_ROOT
 from release_reference import (
     release_fpn,
     release_head_level,
@@ -32,7 +32,6 @@ from saltnet.config import load_yaml_config
 from saltnet.data.mapper import SALTNetDatasetMapper
 from saltnet.layers.batch_norm import FrozenStatsBatchNorm2d
 
-REPO = Path(__file__).resolve().parents[1]
 K = 3  # classes of the tests' models (the release's classifier then has 4 rows)
 
 
@@ -40,7 +39,7 @@ def convert_with_tool(tmp_path, state_dict, *args):
     """Save ``state_dict`` as an mmdetection checkpoint, convert it with the command-line tool."""
     src, dst = tmp_path / "release.pth", tmp_path / "converted.pth"
     torch.save({"state_dict": state_dict, "meta": {"mmdet_version": "2.x"}}, src)
-    tool = str(REPO / "tools" / "convert_mmdet_checkpoint.py")
+    tool = str(REPO_ROOT / "tools" / "convert_mmdet_checkpoint.py")
     done = subprocess.run(
         [sys.executable, tool, str(src), str(dst), "--num-classes", str(K), *args],
         capture_output=True,
@@ -52,7 +51,7 @@ def convert_with_tool(tmp_path, state_dict, *args):
 
 def build_converted(config, weights, *opts):
     cfg = load_yaml_config(
-        str(REPO / "configs" / config),
+        str(REPO_ROOT / "configs" / config),
         ["MODEL.SALTNET.NUM_CLASSES", str(K), "MODEL.DEVICE", "cpu", *opts],
     )
     model = build_model(cfg).eval()
@@ -149,7 +148,7 @@ def test_converted_res2net_dcnx_detector_equals_release(tmp_path):
 def test_release_classifier_shape_is_checked(tmp_path):
     release = release_neck_and_head(num_classes=K)
     release["bbox_head.salt_cls.weight"] = release["bbox_head.salt_cls.weight"][:2]
-    tool = str(REPO / "tools" / "convert_mmdet_checkpoint.py")
+    tool = str(REPO_ROOT / "tools" / "convert_mmdet_checkpoint.py")
     src = tmp_path / "bad.pth"
     torch.save({"state_dict": release}, src)
     done = subprocess.run(
@@ -170,7 +169,7 @@ def test_converted_checkpoint_must_fill_head_unless_converted_for_finetuning(tmp
     release.update(release_neck_and_head(num_classes=K))
     weights, _ = convert_with_tool(tmp_path, release)
     cfg = load_yaml_config(
-        str(REPO / "configs" / "salt_R_50_FPN_1x.yaml"),
+        str(REPO_ROOT / "configs" / "salt_R_50_FPN_1x.yaml"),
         ["MODEL.SALTNET.NUM_CLASSES", "5", "MODEL.DEVICE", "cpu"],
     )
     model = build_model(cfg)
@@ -233,7 +232,7 @@ def loss_batch():
 
 def quick_model():
     """The quick config's SALT-Net (defaults: SDR_MODE gt) with K classes."""
-    path = REPO / "configs" / "quick_schedule" / "salt_R_18_synthetic.yaml"
+    path = REPO_ROOT / "configs" / "quick_schedule" / "salt_R_18_synthetic.yaml"
     return build_model(load_yaml_config(str(path), ["MODEL.SALTNET.NUM_CLASSES", str(K)]))
 
 
@@ -304,7 +303,7 @@ def test_batch_without_positives_stays_finite():
 )
 def test_release_resize_is_opencv_bilinear_with_mmcv_sizes(shape, expected):
     cfg = load_yaml_config(
-        str(REPO / "configs" / "salt_R_50_FPN_1x.yaml"), ["INPUT.RESIZE_BACKEND", "opencv"]
+        str(REPO_ROOT / "configs" / "salt_R_50_FPN_1x.yaml"), ["INPUT.RESIZE_BACKEND", "opencv"]
     )
     (resize,) = SALTNetDatasetMapper(cfg, is_train=False).augmentations.augs
     image = (255 * torch.rand(*shape, 3, generator=torch.Generator().manual_seed(0))).byte()
@@ -320,7 +319,7 @@ def test_release_resize_is_opencv_bilinear_with_mmcv_sizes(shape, expected):
 
 
 def test_default_resize_stays_detectron2s_and_bad_backend_is_named():
-    cfg = load_yaml_config(str(REPO / "configs" / "salt_R_50_FPN_1x.yaml"))
+    cfg = load_yaml_config(str(REPO_ROOT / "configs" / "salt_R_50_FPN_1x.yaml"))
     (resize,) = SALTNetDatasetMapper(cfg, is_train=False).augmentations.augs
     assert type(resize) is T.ResizeShortestEdge
     cfg.defrost()

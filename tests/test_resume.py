@@ -5,9 +5,9 @@ import logging
 
 import pytest
 import torch
-from conftest import QUICK_YAML, TINY_OPTS
 from detectron2.engine import HookBase, hooks
 from detectron2.utils.env import seed_all_rng
+from helpers import QUICK_YAML, TINY_OPTS
 
 from saltnet.checkpoint import AtomicCheckpointer
 from saltnet.config import load_yaml_config

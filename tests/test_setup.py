@@ -6,8 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO_ROOT
 
 
 def pip_freeze():
@@ -18,7 +17,7 @@ def pip_freeze():
 
 
 @pytest.mark.skipif(
-    Path(sys.prefix).resolve() != (REPO / ".venv").resolve(),
+    Path(sys.prefix).resolve() != (REPO_ROOT / ".venv").resolve(),
     reason="runs only inside the project's own .venv (made by `make setup`)",
 )
 def test_second_setup_installs_nothing_and_needs_no_network():
@@ -27,7 +26,7 @@ def test_second_setup_installs_nothing_and_needs_no_network():
     env = dict(os.environ, PIP_NO_INDEX="1", PIP_INDEX_URL="http://127.0.0.1:9/simple")
     env.pop("PIP_FIND_LINKS", None)
     result = subprocess.run(
-        ["bash", "scripts/setup_env.sh"], cwd=REPO, env=env, capture_output=True, text=True
+        ["bash", "scripts/setup_env.sh"], cwd=REPO_ROOT, env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "nothing to install" in result.stdout, result.stdout
@@ -36,7 +35,7 @@ def test_second_setup_installs_nothing_and_needs_no_network():
 
 
 def test_requirements_check_reports_unmet(tmp_path):
-    sys.path.insert(0, str(REPO / "scripts"))
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
     try:
         from requirements_met import unmet_requirements
     finally:

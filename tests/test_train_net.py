@@ -5,13 +5,12 @@ import json
 import math
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 from detectron2.engine import default_argument_parser
+from helpers import QUICK_YAML, REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-QUICK_YAML = "configs/quick_schedule/salt_R_18_synthetic.yaml"
+pytestmark = pytest.mark.xdist_group("quick_train")  # see conftest.quick_train
 
 
 def _metrics(out_dir):

@@ -12,13 +12,13 @@ import logging
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
+from helpers import QUICK_YAML, REPO_ROOT
 from torchvision.ops import deform_conv2d
 
 from saltnet.config import load_yaml_config
@@ -32,7 +32,6 @@ INTERPRETED_RUN = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted_only = pytest.mark.skipif(
     not INTERPRETED_RUN, reason="run by test_kernels_under_the_interpreter in a fresh process"
 )
-QUICK_YAML = "configs/quick_schedule/salt_R_18_synthetic.yaml"
 BF16_EPS = 2.0**-8  # bfloat16's relative rounding error is at most 2^-9; twice that as margin
 
 
@@ -40,7 +39,7 @@ BF16_EPS = 2.0**-8  # bfloat16's relative rounding error is at most 2^-9; twice 
 def test_kernels_under_the_interpreter():
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=REPO_ROOT,
         env=dict(os.environ, TRITON_INTERPRET="1"),
         capture_output=True,
         text=True,

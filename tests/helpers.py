@@ -1,0 +1,39 @@
+"""Constants and plain helpers the test files share (fixtures live in conftest.py)."""
+
+from pathlib import Path
+
+import torch
+from detectron2.structures import Boxes, Instances
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+QUICK_YAML = "configs/quick_schedule/salt_R_18_synthetic.yaml"
+# Shrinks the quick-schedule config to a few seconds of CPU: batch 2, 96 px images, no workers;
+# a zero score threshold so that even an untrained model yields detections (and an AP table).
+# fmt: off
+TINY_OPTS = [
+    "SOLVER.IMS_PER_BATCH", "2",
+    "SOLVER.MAX_ITER", "12",
+    "SOLVER.STEPS", "(8,)",
+    "SOLVER.WARMUP_ITERS", "4",
+    "SOLVER.CHECKPOINT_PERIOD", "6",
+    "INPUT.MIN_SIZE_TRAIN", "(96,)",
+    "INPUT.MAX_SIZE_TRAIN", "96",
+    "INPUT.MIN_SIZE_TEST", "96",
+    "INPUT.MAX_SIZE_TEST", "96",
+    "DATALOADER.NUM_WORKERS", "0",
+    "MODEL.SALTNET.SCORE_THRESH_TEST", "0.0",
+]
+# fmt: on
+
+
+def two_image_batch():
+    """Model inputs: two 64 x 64 training images, one with two boxes, one without any."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = []
+    for boxes in ([[4.0, 6.0, 40.0, 30.0], [20.0, 20.0, 60.0, 62.0]], []):
+        instances = Instances((64, 64))
+        instances.gt_boxes = Boxes(torch.tensor(boxes).reshape(-1, 4))
+        instances.gt_classes = torch.arange(len(boxes))
+        image = torch.randint(0, 255, (3, 64, 64), generator=generator, dtype=torch.uint8)
+        inputs.append({"image": image, "instances": instances})
+    return inputs
