@@ -182,7 +182,9 @@ class SALTNet(PointSetOutputs, DenseDetector):
     # ----------------------------------------------------------------------------------------
     def _flatten_predictions(self, predictions: HeadOutputs):
         """Head outputs -> (N, R, K) scores, (N, R, 4 (reg_max + 1)) logits and (N, R, 4) coarse
-        distances (or None), R = all locations of all levels."""
+        distances (or None), R = all locations of all levels. ``predictions``: a
+        :class:`HeadOutputs`, or a tuple of its fields in their order."""
+        predictions = HeadOutputs(*predictions)
         groups = [predictions.scores, predictions.box_logits]
         dims = [self.num_classes, 4 * (self.reg_max + 1)]
         if predictions.coarse is not None:
@@ -318,7 +320,9 @@ class SALTNet(PointSetOutputs, DenseDetector):
     def decode(self, predictions: HeadOutputs, image_sizes: List[Tuple[int, int]]):
         """Detections of each image (:meth:`inference_single_image`) from the head's outputs;
         ``image_sizes``: each image's (height, width) in the batch. Their point sets, with
-        ``output_point_sets``, are in pixels of the network's input."""
+        ``output_point_sets``, are in pixels of the network's input. ``predictions``: a
+        :class:`HeadOutputs`, or a tuple of its fields in their order."""
+        predictions = HeadOutputs(*predictions)
         groups = self._transpose_dense_predictions(
             [predictions.scores, predictions.box_logits],
             [self.num_classes, 4 * (self.reg_max + 1)],
