@@ -9,7 +9,7 @@
 #    (so a fix made in the tree runs without rebuilding the kit), which writes $OUT/report.md,
 #    $OUT/report.json and $OUT/check.log.
 # Everything stays within 8 minutes on one H200: 30 s for the installation, then each step under
-# its own timeout (check.py's STEPS, 450 s in all), the report rewritten after each. Without
+# its own timeout (check.py's STEPS, 430 s in all), the report rewritten after each. Without
 # CUDA the steps run at tiny sizes, with three times the timeouts (a CPU rehearsal).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
