@@ -12,9 +12,9 @@ setup:
 demo: setup
 	$(PY) tools/demo_job.py
 
-# Two workers (the CI machine's cores); tests that share an expensive fixture stay together.
+# Two workers (the CI machine's cores), each taking whole files (their module fixtures built once).
 test: setup
-	$(PY) -m pytest -n 2 --dist loadgroup
+	$(PY) -m pytest -n 2 --dist loadfile
 
 lint: setup
 	$(PY) -m flake8 projects tests tools train_net.py demo scripts

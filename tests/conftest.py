@@ -1,6 +1,7 @@
 """Shared fixtures: the synthetic dataset (generated once) and a tiny trained SALT-Net; the
 constants and plain helpers are in helpers.py."""
 
+import json
 import os
 import subprocess
 import sys
@@ -63,9 +64,16 @@ def run_tool(synthetic_root):
 def quick_train(run_tool, tmp_path_factory):
     """A 12-iteration training run of the quick-schedule config through train_net.py.
 
-    Returns (output directory, CompletedProcess). Its tests are in the xdist group
-    ``quick_train``, so that one worker trains once.
+    Returns (output directory, CompletedProcess). Run once per session: pytest-xdist's workers
+    share it through the folder above their temporary folders, under a file lock.
     """
-    out = tmp_path_factory.mktemp("quick_train")
-    proc = run_tool("train_net.py", "--config-file", QUICK_YAML, *TINY_OPTS, "OUTPUT_DIR", out)
-    return out, proc
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    out, record = shared / "quick_train", shared / "quick_train.json"
+    with FileLock(f"{out}.lock"):
+        if not record.exists():
+            args = ["--config-file", QUICK_YAML, *TINY_OPTS, "OUTPUT_DIR", out]
+            proc = run_tool("train_net.py", *args)
+            record.write_text(json.dumps(vars(proc)))
+    return out, subprocess.CompletedProcess(**json.loads(record.read_text()))

@@ -12,8 +12,6 @@ from helpers import QUICK_YAML
 from saltnet.config import load_yaml_config
 from saltnet.predictor import Predictor
 
-pytestmark = pytest.mark.xdist_group("quick_train")  # see conftest.quick_train
-
 
 @pytest.fixture(scope="module")
 def trained_model(quick_train, tiny_opts):

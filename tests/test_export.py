@@ -47,13 +47,7 @@ def images(*sizes, seed: int = 0):
     return [torch.rand(3, h, w, generator=generator) * 255 for h, w in sizes]
 
 
-# One xdist group per variant: its tests run on one worker, which exports it once.
-EXPORT_GROUPS = [
-    pytest.param(v, marks=pytest.mark.xdist_group(f"export_{v}")) for v in sorted(VARIANTS)
-]
-
-
-@pytest.fixture(scope="module", params=EXPORT_GROUPS)
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
 def exported(request, tiny_opts, tmp_path_factory):
     """(variant, model, {format: path}): a quick-config model with a random head, exported to
     TorchScript and ONNX on one 96 x 128 image."""

@@ -10,8 +10,6 @@ import pytest
 from detectron2.engine import default_argument_parser
 from helpers import QUICK_YAML, REPO_ROOT
 
-pytestmark = pytest.mark.xdist_group("quick_train")  # see conftest.quick_train
-
 
 def _metrics(out_dir):
     """The training records of metrics.json (those with losses; evaluations are separate)."""
