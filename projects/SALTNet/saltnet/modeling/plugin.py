@@ -270,6 +270,15 @@ class SALTFCOS(_SALTPlugin, FCOS):
         super().__init__(**kwargs)
         self.loss_coarse_weight = loss_coarse_weight
 
+    def losses(self, anchors, pred_logits, gt_labels, pred_deltas, gt_boxes, *rest, coarse=None):
+        """As :meth:`_SALTPlugin.losses`, the box deltas in float32: detectron2's FCOS decodes
+        them in their own dtype, and fvcore's ``giou_loss`` cannot mix float16/bfloat16 boxes
+        (autocast) with float32 targets. A no-op on float32 deltas."""
+        pred_deltas = [d.float() for d in pred_deltas]
+        return super().losses(
+            anchors, pred_logits, gt_labels, pred_deltas, gt_boxes, *rest, coarse=coarse
+        )
+
     def _coarse_weights(self, anchors, gt_boxes, positive):
         """Each positive's centerness target (detectron2's ``compute_ctrness_targets``), over
         their sum in this batch (0 without positives)."""
