@@ -1,15 +1,2 @@
-from .deform_conv import (
-    BACKENDS,
-    DeformConv,
-    DeformConvInputError,
-    ModulatedDeformConv,
-    available_backends,
-)
-
-__all__ = [
-    "BACKENDS",
-    "DeformConv",
-    "DeformConvInputError",
-    "ModulatedDeformConv",
-    "available_backends",
-]
+from .deform_conv import *  # noqa: F401,F403
+from .deform_conv import __all__  # noqa: F401
