@@ -20,6 +20,27 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+# The files that take longest (most of a minute or more of a worker, measured with
+# ``--durations``), run first: pytest-xdist hands out whole files in collection order, and a long
+# file handed out last would leave the other worker idle at the end.
+LONGEST_FIRST = (
+    "test_clusters.py",
+    "test_export.py",
+    "test_plugin_train.py",
+    "test_triton_deform.py",
+    "test_train_net.py",
+    "test_demo.py",
+    "test_benchmark_accuracy.py",
+    "test_resume.py",
+    "test_benchmark.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
+
+
 @pytest.fixture(scope="session")
 def tiny_opts():
     """``KEY VALUE`` options that shrink the quick-schedule config (see ``TINY_OPTS``)."""

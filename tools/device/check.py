@@ -164,6 +164,7 @@ def train_net(ctx, result, timeout):
     iters, resume_iters = (4, 6) if ctx.tiny else (50, 60)
     out_dir = ctx.work / "train_net"
     opts = ["MODEL.DEVICE", "cuda" if ctx.cuda else "cpu", "SOLVER.AMP.ENABLED", str(ctx.cuda),
+            "SOLVER.AMP.PRECISION", "bfloat16",
             "SOLVER.CHECKPOINT_PERIOD", str(iters), "SOLVER.WARMUP_ITERS", "2",
             "SOLVER.STEPS", f"({iters - 1},)", "DATALOADER.NUM_WORKERS", "0" if ctx.tiny else "4",
             "SOLVER.IMS_PER_BATCH", "2" if ctx.tiny else "8", "OUTPUT_DIR", str(out_dir)]
