@@ -49,10 +49,9 @@ def get_parser():
         "--threads",
         type=int,
         default=int(os.environ.get("SALTNET_DEMO_THREADS", 1)),
-        help="torch intra-op threads (default: $SALTNET_DEMO_THREADS or 1). Measured on 2 cores: "
-        "2 threads train ~25%% faster than 1 on an idle machine, but 2-3x slower than 1 while "
-        "another process keeps a core busy; one thread (plus the data-loader process) keeps the "
-        "demo deterministic and within ~7 minutes either way.",
+        help="torch intra-op threads (default: $SALTNET_DEMO_THREADS or 1). One thread (plus "
+        "the data-loader process) keeps the demo deterministic, and is not slowed down by another "
+        "process on a small CPU (docs/BENCHMARKS.md).",
     )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return parser
