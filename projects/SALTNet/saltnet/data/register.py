@@ -14,6 +14,7 @@ The synthetic splits ``saltnet_synth_train`` / ``saltnet_synth_val`` need no spe
 COCO json itself).
 """
 
+import functools
 import json
 import os
 import xml.etree.ElementTree as ET
@@ -119,7 +120,14 @@ def _object_name(obj: ET.Element, xml_file: str) -> str:
 
 
 def infer_voc_class_names(dirname: str) -> List[str]:
-    """Sorted object names over all ``Annotations/*.xml`` of a VOC folder (all splits agree)."""
+    """Sorted object names over all ``Annotations/*.xml`` of a VOC folder (all splits agree).
+    Read once per folder and process: a folder is registered again by every loader built from
+    the config, and each registration needs its class names."""
+    return list(_voc_class_names(dirname))
+
+
+@functools.lru_cache(maxsize=None)
+def _voc_class_names(dirname: str) -> tuple:
     ann_dir = os.path.join(dirname, "Annotations")
     _require_dir(ann_dir, "VOC annotation directory")
     names = set()
@@ -130,7 +138,7 @@ def infer_voc_class_names(dirname: str) -> List[str]:
             names.update(_object_name(obj, xml_file) for obj in tree.findall("object"))
     if not names:
         raise ValueError(f"No annotated objects found in {ann_dir!r}; cannot infer class names.")
-    return sorted(names)
+    return tuple(sorted(names))
 
 
 def _voc_split_ids(dirname: str, split: str) -> List[str]:
