@@ -7,8 +7,12 @@ from detectron2.structures import Boxes, Instances
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUICK_YAML = "configs/quick_schedule/salt_R_18_synthetic.yaml"
-# Shrinks the quick-schedule config to a few seconds of CPU: batch 2, 96 px images, no workers;
-# a zero score threshold so that even an untrained model yields detections (and an AP table).
+# Evaluation on the synthetic dataset's 16-image validation subset, for YAML and LazyConfigs.
+YAML_VAL_16 = ["DATASETS.TEST", "('saltnet_synth_val_16',)"]
+LAZY_VAL_16 = "dataloader.test.dataset.names=saltnet_synth_val_16"
+# Shrinks the quick-schedule config to a few seconds of CPU: batch 2, 96 px images, no workers,
+# evaluation on the 16-image validation subset; a zero score threshold so that even an untrained
+# model yields detections (and an AP table).
 # fmt: off
 TINY_OPTS = [
     "SOLVER.IMS_PER_BATCH", "2",
@@ -21,6 +25,7 @@ TINY_OPTS = [
     "INPUT.MIN_SIZE_TEST", "96",
     "INPUT.MAX_SIZE_TEST", "96",
     "DATALOADER.NUM_WORKERS", "0",
+    *YAML_VAL_16,
     "MODEL.SALTNET.SCORE_THRESH_TEST", "0.0",
 ]
 # fmt: on

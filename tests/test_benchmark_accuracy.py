@@ -5,7 +5,7 @@ import json
 import shutil
 
 import pytest
-from helpers import REPO_ROOT
+from helpers import LAZY_VAL_16, REPO_ROOT, YAML_VAL_16
 from PIL import Image
 
 
@@ -62,8 +62,8 @@ def test_overrides_share_one_schedule_across_config_kinds():
 def test_smoke_run_trains_evaluates_writes_results_and_resumes(run_tool, tmp_path):
     args = ["--variants", "sdr_distill", "fcos_salt", "--seeds", "3", "--output-dir", tmp_path]
     args += ["--iters", "2", "--batch", "2", "--workers", "0"]
-    args += ["--yaml-opts", "MODEL.SALTNET.SCORE_THRESH_TEST", "0.0"]
-    args += ["--lazy-opts", "model.test_score_thresh=0.0"]
+    args += ["--yaml-opts", "MODEL.SALTNET.SCORE_THRESH_TEST", "0.0", *YAML_VAL_16]
+    args += ["--lazy-opts", LAZY_VAL_16, "model.test_score_thresh=0.0"]
     proc = run_tool("tools/benchmark_accuracy.py", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "synthetic" / "results.json").read_text())
@@ -83,7 +83,7 @@ def test_smoke_run_trains_evaluates_writes_results_and_resumes(run_tool, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("(finished earlier)") == 2
     assert not (moved / "synthetic" / "fcos_salt_seed3" / "log.txt").exists()
-    proc = run_tool("tools/benchmark_accuracy.py", *args[:-2], "--variants", "fcos_salt")
+    proc = run_tool("tools/benchmark_accuracy.py", *args[:-1], "--variants", "fcos_salt")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "settings changed" in proc.stdout
 

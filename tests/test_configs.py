@@ -1,20 +1,19 @@
 """The model configs: the paper's recipes, every YAML builds a model that runs, LazyConfig twins."""
 
-from pathlib import Path
-
 import pytest
 import torch
 import yaml
 from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import build_model
 from detectron2.solver import build_lr_scheduler
+from helpers import REPO_ROOT
 from omegaconf import ListConfig
 
 from saltnet.config import get_saltnet_cfg, load_yaml_config
 from saltnet.config_checks import num_classes_of
 from saltnet.modeling import SALTFCOS, SALTFCOSHead, SALTRetinaNet, SALTRetinaNetHead
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = REPO_ROOT / "configs"
 YAMLS = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml"))
 PAPER_MODELS = [
     "salt_R_50_FPN_1x.yaml",

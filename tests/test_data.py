@@ -306,7 +306,7 @@ def test_lazy_config_loaders_register_their_datasets_in_a_fresh_process(syntheti
 
 def test_synthetic_dataset_content(synthetic_root):
     names = register_synthetic(synthetic_root)
-    assert names == ["saltnet_synth_train", "saltnet_synth_val"]
+    assert names == ["saltnet_synth_train", "saltnet_synth_val", "saltnet_synth_val_16"]
     for name, split in zip(names, ("train", "val")):
         num_images = synthetic.SYNTHETIC_SPLITS[split][0]
         assert MetadataCatalog.get(name).thing_classes == list(SYNTHETIC_CLASSES)
@@ -322,6 +322,12 @@ def test_synthetic_dataset_content(synthetic_root):
         assert all(1 <= len(d["annotations"]) <= 5 for d in dicts)
     image = cv2.imread(DatasetCatalog.get(names[1])[0]["file_name"])
     assert image.shape == (128, 128, 3)
+    # The smoke-run subset: the first 16 validation images with all their boxes, evaluated
+    # against its own json.
+    val, val_16 = DatasetCatalog.get(names[1]), DatasetCatalog.get(names[2])
+    assert val_16 == val[:16]
+    assert MetadataCatalog.get(names[2]).json_file.endswith("val_16.json")
+    assert MetadataCatalog.get(names[2]).thing_classes == list(SYNTHETIC_CLASSES)
 
 
 def test_synthetic_generation_is_deterministic_atomic_and_repairs(tmp_path, monkeypatch):
@@ -329,6 +335,7 @@ def test_synthetic_generation_is_deterministic_atomic_and_repairs(tmp_path, monk
     a = synthetic.prepare_synthetic_dataset(str(tmp_path / "a"))
     b = synthetic.prepare_synthetic_dataset(str(tmp_path / "b"))
     files = ["manifest.json", "annotations/train.json", "annotations/val.json"]
+    files += ["annotations/val_16.json"]
     files += [f"train/{i:06d}.png" for i in range(6)] + [f"val/{i:06d}.png" for i in range(3)]
     assert filecmp.cmpfiles(a, b, files, shallow=False)[0] == files
     assert sorted(os.listdir(tmp_path)) == ["a", "b"]  # no temporary folders left behind

@@ -7,7 +7,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig
 from detectron2.modeling import build_model
-from helpers import QUICK_YAML
+from helpers import QUICK_YAML, YAML_VAL_16
 
 from saltnet.config import load_yaml_config
 from saltnet.predictor import Predictor
@@ -105,27 +105,24 @@ def test_demo_writes_pictures_with_and_without_points(
 ):
     out, train = quick_train
     assert train.returncode == 0, train.stderr[-3000:]
-    image = f"{synthetic_root}/val/000000.png"
-    pictures = {}
-    for flag in ("", "--show-points"):
-        target = tmp_path / f"vis{flag}.png"
-        args = ["--input", image, "--output", target, "--confidence-threshold", "0.0"]
-        opts = ["--opts", "MODEL.WEIGHTS", out / "model_final.pth", "INPUT.MIN_SIZE_TEST", "96"]
-        proc = run_tool(
-            "demo/demo.py", "--config-file", QUICK_YAML, *args, *([flag] if flag else []), *opts
-        )
+    opts = ["--confidence-threshold", "0.0"]
+    opts += ["--opts", "MODEL.WEIGHTS", out / "model_final.pth", "INPUT.MIN_SIZE_TEST", "96"]
+    # Several inputs (the README's glob example) into a directory that does not exist yet,
+    # then the first of them alone with its point sets.
+    images, folder = f"{synthetic_root}/val/00000[01].png", tmp_path / "new" / "out"
+    first, with_points = f"{synthetic_root}/val/000000.png", tmp_path / "points.png"
+    for args in (
+        ["--input", images, "--output", folder],  # the default --config-file
+        ["--config-file", QUICK_YAML, "--input", first, "--output", with_points, "--show-points"],
+    ):
+        proc = run_tool("demo/demo.py", *args, *opts)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "detected" in proc.stdout + proc.stderr
-        pictures[flag] = cv2.imread(str(target))
-        assert pictures[flag] is not None and pictures[flag].shape == (128, 128, 3)
-    assert np.abs(pictures[""].astype(int) - pictures["--show-points"]).sum() > 0
-    # Several inputs (the README's glob example) into a directory that does not exist yet.
-    target = tmp_path / "new" / "out"
-    images = f"{synthetic_root}/val/00000[01].png"
-    weights = ["--opts", "MODEL.WEIGHTS", out / "model_final.pth"]
-    proc = run_tool("demo/demo.py", "--input", images, "--output", target, *weights)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert sorted(p.name for p in target.iterdir()) == ["000000.png", "000001.png"]
+    assert sorted(p.name for p in folder.iterdir()) == ["000000.png", "000001.png"]
+    pictures = [cv2.imread(str(path)) for path in (folder / "000000.png", with_points)]
+    for picture in pictures:
+        assert picture is not None and picture.shape == (128, 128, 3)
+    assert np.abs(pictures[0].astype(int) - pictures[1]).sum() > 0
 
 
 @pytest.mark.slow
@@ -182,6 +179,7 @@ def test_demo_job_smoke(run_tool, tmp_path):
         "0",
         "MODEL.SALTNET.SCORE_THRESH_TEST",
         "0.0",
+        *YAML_VAL_16,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "SALT-Net demo job summary" in proc.stdout

@@ -4,12 +4,10 @@ tiny steps, their statuses, the report files; a failing and a hanging command fa
 import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from helpers import REPO_ROOT
 
 
 @pytest.fixture(scope="module")

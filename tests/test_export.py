@@ -26,6 +26,10 @@ VARIANTS = {
     "salt_off": ["MODEL.SALTNET.SALT_ON", "False"],
     "dcnx": ["MODEL.SALTNET.TOWER_LAST_DCN", "True", "MODEL.FPN.NORM", "GN"],
 }
+# The exported graphs hold the head once per level, and the ONNX export's time grows with the
+# graph: two levels of different strides test the per-level outputs and their decoding, the
+# quick config's five are exported by test_export_tool_and_demo.
+TWO_LEVELS = ["MODEL.SALTNET.IN_FEATURES", "['p3', 'p4']"]
 # Deformable convs per head level (2 x 3 tower convs, SALT's reg / cls convs): the exported
 # graph holds one DeformConv per layer and level.
 DEFORM_CONVS_PER_LEVEL = {"salt": 2, "salt_off": 0, "dcnx": 4}
@@ -49,10 +53,10 @@ def images(*sizes, seed: int = 0):
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def exported(request, tiny_opts, tmp_path_factory):
-    """(variant, model, {format: path}): a quick-config model with a random head, exported to
-    TorchScript and ONNX on one 96 x 128 image."""
+    """(variant, model, {format: path}): a quick-config model on two levels with a random head,
+    exported to TorchScript and ONNX on one 96 x 128 image."""
     variant = request.param
-    cfg = load_export_config(QUICK_YAML, [*tiny_opts, *VARIANTS[variant]])
+    cfg = load_export_config(QUICK_YAML, [*tiny_opts, *TWO_LEVELS, *VARIANTS[variant]])
     torch.manual_seed(0)
     model = random_head(build_model(cfg).eval())
     sample, _ = pad_images(model, images((96, 128)))

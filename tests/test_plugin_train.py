@@ -6,6 +6,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from helpers import LAZY_VAL_16, YAML_VAL_16
 
 FCOS_PY = "configs/quick_schedule/fcos_salt_R_18_synthetic.py"
 RETINANET_YAML = "configs/quick_schedule/retinanet_salt_R_18_synthetic.yaml"
@@ -58,6 +59,7 @@ def test_fcos_with_salt_from_a_lazy_config(run_tool, synthetic_root, tmp_path):
         "dataloader.train.total_batch_size=2",
         "dataloader.train.num_workers=0",
         "dataloader.test.num_workers=0",
+        LAZY_VAL_16,
         "model.test_score_thresh=0.0",
         f"train.output_dir={tmp_path / 'train'}",
     ]
@@ -86,6 +88,7 @@ def test_retinanet_with_salt_from_yaml(run_tool, synthetic_root, tmp_path):
         "SOLVER.MAX_ITER", "8", "SOLVER.STEPS", "(6,)", "SOLVER.WARMUP_ITERS", "2",
         "SOLVER.CHECKPOINT_PERIOD", "4", "SOLVER.IMS_PER_BATCH", "2",
         "DATALOADER.NUM_WORKERS", "0", "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0",
+        *YAML_VAL_16,
         "OUTPUT_DIR", tmp_path / "train",
     ]
     # fmt: on

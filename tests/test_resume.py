@@ -7,7 +7,7 @@ import pytest
 import torch
 from detectron2.engine import HookBase, hooks
 from detectron2.utils.env import seed_all_rng
-from helpers import QUICK_YAML, TINY_OPTS
+from helpers import LAZY_VAL_16, QUICK_YAML, TINY_OPTS
 
 from saltnet.checkpoint import AtomicCheckpointer
 from saltnet.config import load_yaml_config
@@ -161,7 +161,7 @@ def test_lazy_config_resume_reproduces_the_uninterrupted_run(run_tool, tmp_path)
         "train.checkpointer.period=4",
         "dataloader.train.total_batch_size=2",
     ]
-    args += ["dataloader.train.num_workers=0", "dataloader.test.num_workers=0"]
+    args += ["dataloader.train.num_workers=0", "dataloader.test.num_workers=0", LAZY_VAL_16]
     args += [f"train.output_dir={tmp_path}"]
     proc = run_tool("train_net.py", *config, *args)
     assert proc.returncode == 0, proc.stderr[-3000:]

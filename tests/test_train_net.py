@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 from detectron2.engine import default_argument_parser
-from helpers import QUICK_YAML, REPO_ROOT
+from helpers import LAZY_VAL_16, QUICK_YAML, REPO_ROOT
 
 
 def _metrics(out_dir):
@@ -46,7 +46,7 @@ def test_training_writes_checkpoints_logs_and_events(quick_train):
     log = (out / "log.txt").read_text()
     assert "Starting training from iteration 0" in log
     assert "eta:" in log  # CommonMetricPrinter
-    assert "Evaluation results for bbox" in log  # final evaluation on saltnet_synth_val
+    assert "Evaluation results for bbox" in log  # final evaluation on saltnet_synth_val_16
 
 
 @pytest.mark.slow
@@ -111,6 +111,7 @@ def test_lazy_config_trains_and_evaluates(run_tool, tmp_path):
         "dataloader.train.total_batch_size=2",
         "dataloader.train.num_workers=0",
         "dataloader.test.num_workers=0",
+        LAZY_VAL_16,
         "model.test_score_thresh=0.0",
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -128,6 +129,7 @@ def test_lazy_config_trains_and_evaluates(run_tool, tmp_path):
         f"train.init_checkpoint={weights}",
         f"train.output_dir={tmp_path / 'eval'}",
         "dataloader.test.num_workers=0",
+        LAZY_VAL_16,
         "model.test_score_thresh=0.0",
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -7,7 +7,8 @@ one)::
     NAME=coco:JSON_FILE:IMAGE_ROOT
     NAME=voc:VOC_DIR:SPLIT[:CLASS1,CLASS2,...]
 
-The synthetic splits ``saltnet_synth_train`` / ``saltnet_synth_val`` need no spec: naming them in
+The synthetic datasets ``saltnet_synth_train`` / ``saltnet_synth_val`` / ``saltnet_synth_val_16``
+(:mod:`saltnet.data.synthetic`) need no spec: naming them in
 ``DATASETS.TRAIN`` / ``DATASETS.TEST`` generates (once) and registers them, under
 ``DATASETS.SYNTHETIC_ROOT`` if set. All datasets get ``evaluator_type="coco"``, so
 :class:`detectron2.evaluation.COCOEvaluator` evaluates them (it converts non-COCO datasets to a
@@ -26,7 +27,7 @@ from detectron2.data.datasets import load_coco_json
 from detectron2.structures import BoxMode
 from PIL import Image
 
-from .synthetic import SYNTHETIC_SPLITS, register_synthetic, synthetic_dataset_name
+from .synthetic import register_synthetic, synthetic_dataset_names
 
 __all__ = [
     "add_dataset_config",
@@ -250,8 +251,7 @@ def register_datasets(
     """Register ``specs`` (see module doc), then the synthetic splits if ``names`` mention one."""
     for spec in specs:
         register_dataset_spec(spec)
-    synthetic_names = {synthetic_dataset_name(split) for split in SYNTHETIC_SPLITS}
-    if synthetic_names & set(names):
+    if set(synthetic_dataset_names()) & set(names):
         register_synthetic(synthetic_root or None)
 
 

@@ -6,7 +6,11 @@ generated from a seeded numpy RNG, so every run yields the same bytes, and cache
 
     <root>/train/000000.png ...      <root>/annotations/train.json
     <root>/val/000000.png ...        <root>/annotations/val.json
+                                     <root>/annotations/val_16.json (its first 16 images)
     <root>/manifest.json             (written last; marks a complete dataset)
+
+Registered as ``saltnet_synth_train``, ``saltnet_synth_val`` and ``saltnet_synth_val_16``, a subset
+for smoke runs whose evaluation should take a second (as detectron2's ``coco_2017_val_100``).
 
 ``<root>`` is, in order: the ``root`` argument, ``$SALTNET_SYNTHETIC_ROOT``, or
 ``$DETECTRON2_DATASETS/saltnet_synthetic`` (``DETECTRON2_DATASETS`` defaulting to ``datasets``,
@@ -30,10 +34,12 @@ from detectron2.data.datasets import load_coco_json
 __all__ = [
     "SYNTHETIC_CLASSES",
     "SYNTHETIC_SPLITS",
+    "SYNTHETIC_SUBSETS",
     "default_synthetic_root",
     "prepare_synthetic_dataset",
     "register_synthetic",
     "synthetic_dataset_name",
+    "synthetic_dataset_names",
 ]
 
 logger = logging.getLogger(__name__)
@@ -41,13 +47,20 @@ logger = logging.getLogger(__name__)
 SYNTHETIC_CLASSES = ("circle", "square", "triangle", "bar")
 # split -> (number of images, RNG seed)
 SYNTHETIC_SPLITS = {"train": (480, 2022), "val": (80, 2108)}
+# subset -> (its split, the number of that split's first images it holds)
+SYNTHETIC_SUBSETS = {"val_16": ("val", 16)}
 IMAGE_SIZE = 128  # pixels, square images
 _VERSION = 2  # bump when the generator changes, so stale caches are regenerated
 
 
 def synthetic_dataset_name(split: str) -> str:
-    """``"train"`` -> ``"saltnet_synth_train"``."""
+    """``"train"`` -> ``"saltnet_synth_train"`` (a split or a subset)."""
     return f"saltnet_synth_{split}"
+
+
+def synthetic_dataset_names() -> List[str]:
+    """The names of every split and subset, in registration order."""
+    return [synthetic_dataset_name(s) for s in (*SYNTHETIC_SPLITS, *SYNTHETIC_SUBSETS)]
 
 
 def default_synthetic_root() -> str:
@@ -64,6 +77,7 @@ def _manifest() -> Dict:
         "image_size": IMAGE_SIZE,
         "classes": list(SYNTHETIC_CLASSES),
         "splits": {k: list(v) for k, v in SYNTHETIC_SPLITS.items()},
+        "subsets": {k: list(v) for k, v in SYNTHETIC_SUBSETS.items()},
     }
 
 
@@ -142,7 +156,8 @@ def _render_image(rng: np.random.Generator, size: int) -> Tuple[np.ndarray, List
     return np.clip(img, 0, 255).astype(np.uint8), objects
 
 
-def _write_split(folder: str, split: str, num_images: int, seed: int) -> None:
+def _write_split(folder: str, split: str, num_images: int, seed: int) -> Dict:
+    """Render the split's images into ``folder/split``; write and return its COCO json."""
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(folder, split))
     images, annotations = [], []
@@ -160,8 +175,22 @@ def _write_split(folder: str, split: str, num_images: int, seed: int) -> None:
                 {"id": ann_id, "image_id": image_id, "area": w * h, "iscrowd": 0, **obj}
             )
     categories = [{"id": i + 1, "name": n} for i, n in enumerate(SYNTHETIC_CLASSES)]
-    with open(os.path.join(folder, "annotations", f"{split}.json"), "w") as f:
-        json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+    coco = {"images": images, "annotations": annotations, "categories": categories}
+    _write_json(folder, split, coco)
+    return coco
+
+
+def _write_subset(folder: str, subset: str, coco: Dict, num_images: int) -> None:
+    """Write the COCO json of the first ``num_images`` images of a split's ``coco``."""
+    images = coco["images"][:num_images]
+    ids = {image["id"] for image in images}
+    annotations = [a for a in coco["annotations"] if a["image_id"] in ids]
+    _write_json(folder, subset, {**coco, "images": images, "annotations": annotations})
+
+
+def _write_json(folder: str, name: str, coco: Dict) -> None:
+    with open(os.path.join(folder, "annotations", f"{name}.json"), "w") as f:
+        json.dump(coco, f)
 
 
 def _is_complete(root: str) -> bool:
@@ -175,6 +204,9 @@ def _is_complete(root: str) -> bool:
         os.path.isfile(os.path.join(root, "annotations", f"{split}.json"))
         and len(os.listdir(os.path.join(root, split))) == num
         for split, (num, _) in SYNTHETIC_SPLITS.items()
+    ) and all(
+        os.path.isfile(os.path.join(root, "annotations", f"{subset}.json"))
+        for subset in SYNTHETIC_SUBSETS
     )
 
 
@@ -189,8 +221,12 @@ def prepare_synthetic_dataset(root: Optional[str] = None) -> str:
     tmp = tempfile.mkdtemp(prefix=".saltnet_synthetic-", dir=parent)
     try:
         os.makedirs(os.path.join(tmp, "annotations"))
-        for split, (num_images, seed) in SYNTHETIC_SPLITS.items():
-            _write_split(tmp, split, num_images, seed)
+        splits = {
+            split: _write_split(tmp, split, num_images, seed)
+            for split, (num_images, seed) in SYNTHETIC_SPLITS.items()
+        }
+        for subset, (split, num_images) in SYNTHETIC_SUBSETS.items():
+            _write_subset(tmp, subset, splits[split], num_images)
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(_manifest(), f)
         if os.path.exists(root) and not _is_complete(root):
@@ -206,19 +242,22 @@ def prepare_synthetic_dataset(root: Optional[str] = None) -> str:
 
 
 def register_synthetic(root: Optional[str] = None) -> List[str]:
-    """Prepare the dataset and register ``saltnet_synth_{train,val}``; return their names.
+    """Prepare the dataset and register its splits and subsets (:func:`synthetic_dataset_names`);
+    return their names.
 
     Already registered names are left alone (the first registration wins).
     """
     root = prepare_synthetic_dataset(root)
+    folders = {split: split for split in SYNTHETIC_SPLITS}  # split or subset -> image folder
+    folders.update({subset: split for subset, (split, _) in SYNTHETIC_SUBSETS.items()})
     names = []
-    for split in SYNTHETIC_SPLITS:
-        name = synthetic_dataset_name(split)
+    for part, folder in folders.items():
+        name = synthetic_dataset_name(part)
         names.append(name)
         if name in DatasetCatalog.list():
             continue
-        json_file = os.path.join(root, "annotations", f"{split}.json")
-        image_root = os.path.join(root, split)
+        json_file = os.path.join(root, "annotations", f"{part}.json")
+        image_root = os.path.join(root, folder)
         DatasetCatalog.register(
             name, lambda j=json_file, i=image_root, n=name: load_coco_json(j, i, n)
         )
