@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from filelock import FileLock
-from helpers import QUICK_YAML, REPO_ROOT, TINY_OPTS
+from helpers import DIST_OPTS, QUICK_YAML, REPO_ROOT, TINY_OPTS, free_port
 
 
 def pytest_configure(config):
@@ -81,20 +81,38 @@ def run_tool(synthetic_root):
     return run
 
 
-@pytest.fixture(scope="session")
-def quick_train(run_tool, tmp_path_factory):
-    """A 12-iteration training run of the quick-schedule config through train_net.py.
-
-    Returns (output directory, CompletedProcess). Run once per session: pytest-xdist's workers
-    share it through the folder above their temporary folders, under a file lock.
-    """
+def _run_once(tmp_path_factory, name: str, run) -> tuple:
+    """``run(out_dir)`` once per session: pytest-xdist's workers share it through the folder
+    above their temporary folders, under a file lock. Returns (out_dir, CompletedProcess)."""
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         shared = shared.parent
-    out, record = shared / "quick_train", shared / "quick_train.json"
+    out, record = shared / name, shared / f"{name}.json"
     with FileLock(f"{out}.lock"):
         if not record.exists():
-            args = ["--config-file", QUICK_YAML, *TINY_OPTS, "OUTPUT_DIR", out]
-            proc = run_tool("train_net.py", *args)
-            record.write_text(json.dumps(vars(proc)))
+            record.write_text(json.dumps(vars(run(out))))
     return out, subprocess.CompletedProcess(**json.loads(record.read_text()))
+
+
+@pytest.fixture(scope="session")
+def quick_train(run_tool, tmp_path_factory):
+    """A 12-iteration training run of the quick-schedule config through train_net.py, once per
+    session. Returns (output directory, CompletedProcess)."""
+
+    def run(out):
+        return run_tool("train_net.py", "--config-file", QUICK_YAML, *TINY_OPTS, "OUTPUT_DIR", out)
+
+    return _run_once(tmp_path_factory, "quick_train", run)
+
+
+@pytest.fixture(scope="session")
+def two_process_train(run_tool, tmp_path_factory):
+    """A training run of detectron2's launch with two CPU processes (``--num-gpus 2``, gloo,
+    ``DIST_OPTS``), once per session. Returns (output directory, CompletedProcess)."""
+
+    def run(out):
+        dist_url = f"tcp://127.0.0.1:{free_port()}"
+        args = ["--config-file", QUICK_YAML, "--num-gpus", "2", "--dist-url", dist_url]
+        return run_tool("train_net.py", *args, *DIST_OPTS, "OUTPUT_DIR", out, timeout=600)
+
+    return _run_once(tmp_path_factory, "two_process_train", run)

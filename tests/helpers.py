@@ -1,5 +1,6 @@
 """Constants and plain helpers the test files share (fixtures live in conftest.py)."""
 
+import socket
 from pathlib import Path
 
 import torch
@@ -29,6 +30,15 @@ TINY_OPTS = [
     "MODEL.SALTNET.SCORE_THRESH_TEST", "0.0",
 ]
 # fmt: on
+# Two workers, 4 iterations, a fixed seed, evaluation at the end (the two-process runs).
+DIST_OPTS = TINY_OPTS + ["SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "100", "SEED", "3"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def two_image_batch():

@@ -16,7 +16,7 @@ import pytest
 import torch
 from detectron2.engine import HookBase, SimpleTrainer, default_argument_parser
 from detectron2.utils import comm
-from helpers import QUICK_YAML, REPO_ROOT, TINY_OPTS
+from helpers import DIST_OPTS, QUICK_YAML, REPO_ROOT, TINY_OPTS, free_port
 
 from saltnet.checkpoint import AtomicCheckpointer
 from saltnet.launch import (
@@ -44,12 +44,6 @@ SLURM_ENV = {
     "SLURM_TASKS_PER_NODE": "2(x2)",
     "SLURM_JOB_NODELIST": "gpu[07-08]",
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _children(pid):
@@ -199,7 +193,7 @@ def test_ranks_agree_to_stop_after_the_iteration_of_the_signal(tmp_path, to_pare
     # Rank 1 alone gets SIGUSR1 during iteration 2, or the launching process gets it and passes
     # it on to both workers: both stop after the same iteration, the one of the signal or later.
     args = default_argument_parser().parse_args(["--num-gpus", "2"])
-    args.dist_url = f"tcp://127.0.0.1:{_free_port()}"
+    args.dist_url = f"tcp://127.0.0.1:{free_port()}"
     args.out_dir, args.to_parent = str(tmp_path), to_parent
     with pytest.raises(SystemExit) as exited:
         launch_from_args(_linear_training, args, environ={})
@@ -215,9 +209,6 @@ def test_ranks_agree_to_stop_after_the_iteration_of_the_signal(tmp_path, to_pare
 
 # --- Whole runs through train_net.py --------------------------------------------------------
 
-# Two workers, 4 iterations, a fixed seed; evaluation at the end.
-DIST_OPTS = TINY_OPTS + ["SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "100", "SEED", "3"]
-
 
 def _tool_env(synthetic_root, **extra):
     return dict(os.environ, OMP_NUM_THREADS="1", SALTNET_SYNTHETIC_ROOT=synthetic_root, **extra)
@@ -232,17 +223,9 @@ def _differing(a, b):
 
 
 @pytest.fixture(scope="module")
-def spawned_run(run_tool, tmp_path_factory):
+def spawned_run(two_process_train):
     """Final weights of the 2-process run of detectron2's launch (``--num-gpus 2``)."""
-    out = tmp_path_factory.mktemp("spawned")
-    proc = run_tool(
-        "train_net.py",
-        *("--config-file", QUICK_YAML, "--num-gpus", "2"),
-        *("--dist-url", f"tcp://127.0.0.1:{_free_port()}"),
-        *DIST_OPTS,
-        *("OUTPUT_DIR", out),
-        timeout=600,
-    )
+    out, proc = two_process_train
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return _final_weights(out)
 
@@ -275,7 +258,7 @@ def test_two_node_torchrun_with_c10d_trains_as_the_spawned_launch_does(
 ):
     # Two "machines" of one worker each, meeting through c10d rendezvous on this host.
     rdzv = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d"]
-    rdzv += ["--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "test"]
+    rdzv += ["--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "test"]
     nodes = [
         subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", *rdzv, "train_net.py"]
@@ -301,7 +284,7 @@ def test_simulated_slurm_allocation_trains_as_the_spawned_launch_does(
 ):
     # Two srun tasks on one node: no RANK/WORLD_SIZE, only SLURM's variables.
     slurm = dict(SLURM_STEP_ID="0", SLURM_JOB_ID="7", SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2")
-    slurm.update(SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(_free_port()))
+    slurm.update(SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(free_port()))
     tasks = [
         subprocess.Popen(
             [sys.executable, "train_net.py", "--config-file", QUICK_YAML, *DIST_OPTS]

@@ -2,7 +2,6 @@
 normalisation reduced across workers."""
 
 import re
-import socket
 
 import pytest
 import torch
@@ -10,18 +9,12 @@ from detectron2.engine import launch
 from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
-from helpers import QUICK_YAML, TINY_OPTS, two_image_batch
+from helpers import QUICK_YAML, free_port, two_image_batch
 
 from saltnet.config import load_yaml_config
 
 # detectron2's launch uses NCCL (one process per GPU) whenever CUDA is available.
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU (gloo) processes only")
-
-
-def _free_dist_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
 def _model():
@@ -44,7 +37,7 @@ def _rank_losses(out_dir):
 
 
 def test_loss_normalisation_is_reduced_across_workers(tmp_path):
-    launch(_rank_losses, 2, dist_url=_free_dist_url(), args=(str(tmp_path),))
+    launch(_rank_losses, 2, dist_url=f"tcp://127.0.0.1:{free_port()}", args=(str(tmp_path),))
     per_rank = [torch.load(tmp_path / f"losses_{r}.pth") for r in (0, 1)]
     # DDP averages gradients over ranks, so the mean of the ranks' losses must equal the loss of
     # one process seeing both images: the normalisers (positives, quality weights) are global.
@@ -57,24 +50,11 @@ def test_loss_normalisation_is_reduced_across_workers(tmp_path):
     assert per_rank[1]["loss_giou"] == 0 and per_rank[0]["loss_giou"] > 0
 
 
-def test_two_process_training_and_evaluation(run_tool, tmp_path):
-    opts = TINY_OPTS + ["SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "100"]
-    proc = run_tool(
-        "train_net.py",
-        "--config-file",
-        QUICK_YAML,
-        "--num-gpus",
-        "2",
-        "--dist-url",
-        _free_dist_url(),
-        *opts,
-        "OUTPUT_DIR",
-        tmp_path,
-        timeout=600,
-    )
+def test_two_process_training_and_evaluation(two_process_train):
+    out, proc = two_process_train
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert "World size: 2" in log
     assert re.search(r"iter: 3 .*total_loss: \d", log), log[-4000:]
     assert "Evaluation results for bbox" in log
-    assert (tmp_path / "model_final.pth").is_file()
+    assert (out / "model_final.pth").is_file()
