@@ -9,7 +9,15 @@ import sys
 import pytest
 import torch
 from filelock import FileLock
-from helpers import DIST_OPTS, QUICK_YAML, REPO_ROOT, TINY_OPTS, free_port
+from helpers import (
+    DIST_OPTS,
+    LAZY_TINY_OVERRIDES,
+    QUICK_PY,
+    QUICK_YAML,
+    REPO_ROOT,
+    TINY_OPTS,
+    free_port,
+)
 
 
 def pytest_configure(config):
@@ -103,6 +111,18 @@ def quick_train(run_tool, tmp_path_factory):
         return run_tool("train_net.py", "--config-file", QUICK_YAML, *TINY_OPTS, "OUTPUT_DIR", out)
 
     return _run_once(tmp_path_factory, "quick_train", run)
+
+
+@pytest.fixture(scope="session")
+def lazy_quick_train(run_tool, tmp_path_factory):
+    """The LazyConfig quick-schedule config through train_net.py (``LAZY_TINY_OVERRIDES``), once
+    per session. Returns (output directory, CompletedProcess)."""
+
+    def run(out):
+        args = ["--config-file", QUICK_PY, *LAZY_TINY_OVERRIDES, f"train.output_dir={out}"]
+        return run_tool("train_net.py", *args)
+
+    return _run_once(tmp_path_factory, "lazy_quick_train", run)
 
 
 @pytest.fixture(scope="session")

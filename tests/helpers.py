@@ -8,6 +8,7 @@ from detectron2.structures import Boxes, Instances
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUICK_YAML = "configs/quick_schedule/salt_R_18_synthetic.yaml"
+QUICK_PY = "configs/quick_schedule/salt_R_18_synthetic.py"
 # Evaluation on the synthetic dataset's 16-image validation subset, for YAML and LazyConfigs.
 YAML_VAL_16 = ["DATASETS.TEST", "('saltnet_synth_val_16',)"]
 LAZY_VAL_16 = "dataloader.test.dataset.names=saltnet_synth_val_16"
@@ -30,6 +31,19 @@ TINY_OPTS = [
     "MODEL.SALTNET.SCORE_THRESH_TEST", "0.0",
 ]
 # fmt: on
+# Shrinks the LazyConfig quick-schedule config (conftest's ``lazy_quick_train``): 8 iterations
+# of 2 images, a checkpoint after iteration 3, no data workers; detections at any score (an AP table
+# even from an untrained model) on the 16-image validation subset.
+LAZY_TINY_OVERRIDES = [
+    "train.max_iter=8",
+    "train.log_period=2",
+    "train.checkpointer.period=4",
+    "dataloader.train.total_batch_size=2",
+    "dataloader.train.num_workers=0",
+    "dataloader.test.num_workers=0",
+    LAZY_VAL_16,
+    "model.test_score_thresh=0.0",
+]
 # Two workers, 4 iterations, a fixed seed, evaluation at the end (the two-process runs).
 DIST_OPTS = TINY_OPTS + ["SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "100", "SEED", "3"]
 

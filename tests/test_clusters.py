@@ -16,7 +16,7 @@ import pytest
 import torch
 from detectron2.engine import HookBase, SimpleTrainer, default_argument_parser
 from detectron2.utils import comm
-from helpers import DIST_OPTS, QUICK_YAML, REPO_ROOT, TINY_OPTS, free_port
+from helpers import DIST_OPTS, QUICK_PY, QUICK_YAML, REPO_ROOT, TINY_OPTS, free_port
 
 from saltnet.checkpoint import AtomicCheckpointer
 from saltnet.launch import (
@@ -366,19 +366,20 @@ def _stopped_iteration(log, signame):
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_the_current_iteration_and_resume_is_exact(
-    run_tool, synthetic_root, tmp_path
+    quick_train, run_tool, synthetic_root, tmp_path
 ):
-    # 10 iterations, a periodic checkpoint every 2: the signal goes out when the first one is
-    # saved (after iteration 1), i.e. during a later iteration.
-    opts = TINY_OPTS + ["SOLVER.MAX_ITER", "10", "SOLVER.CHECKPOINT_PERIOD", "2"]
-    opts += ["DATASETS.TEST", "()", "SEED", "5"]
+    # The quick training's 12 iterations, a periodic checkpoint every 2 and no evaluation (which
+    # change no weight): the signal goes out when the first checkpoint is saved (after iteration
+    # 1), i.e. during a later iteration. Stopped and resumed, the run ends with the weights of the
+    # straight quick training.
+    opts = TINY_OPTS + ["SOLVER.CHECKPOINT_PERIOD", "2", "DATASETS.TEST", "()"]
     config = ["--config-file", QUICK_YAML]
     stopped = tmp_path / "stopped"
     proc = _start(synthetic_root, *config, *opts, "OUTPUT_DIR", stopped)
     log = _signal_when(proc, r"Saving checkpoint to .*model_0000001\.pth", signal.SIGTERM)
     assert proc.returncode == PREEMPTED_EXIT_CODE, log[-3000:]
     iteration = _stopped_iteration(log, "SIGTERM")
-    assert 1 <= iteration < 9
+    assert 1 <= iteration < 11
     name = f"model_{iteration:07d}.pth"
     assert (stopped / "last_checkpoint").read_text() == name
     assert torch.load(stopped / name, weights_only=False)["iteration"] == iteration
@@ -387,15 +388,14 @@ def test_sigterm_checkpoints_the_current_iteration_and_resume_is_exact(
     proc = run_tool("train_net.py", *config, "--resume", *opts, "OUTPUT_DIR", stopped)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"Starting training from iteration {iteration + 1}" in proc.stdout + proc.stderr
-    straight = tmp_path / "straight"
-    proc = run_tool("train_net.py", *config, *opts, "OUTPUT_DIR", straight)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    straight, train = quick_train
+    assert train.returncode == 0, train.stderr[-3000:]
     assert _differing(_final_weights(stopped), _final_weights(straight)) == []
 
 
 @pytest.mark.slow
 def test_lazy_config_training_stops_on_sigusr1_with_a_checkpoint(synthetic_root, tmp_path):
-    args = ["--config-file", "configs/quick_schedule/salt_R_18_synthetic.py"]
+    args = ["--config-file", QUICK_PY]
     args += ["train.max_iter=10", "train.checkpointer.period=2"]
     args += ["dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0"]
     args += ["dataloader.test.num_workers=0", f"train.output_dir={tmp_path}"]

@@ -2,12 +2,12 @@
 
 import pytest
 from detectron2.config import LazyConfig
-from helpers import REPO_ROOT
+from helpers import QUICK_PY, REPO_ROOT
 
 from saltnet.config_checks import UnknownConfigKeyError
 from saltnet.lazy_overrides import check_lazy_overrides
 
-LAZY = str(REPO_ROOT / "configs/quick_schedule/salt_R_18_synthetic.py")
+LAZY = str(REPO_ROOT / QUICK_PY)
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,13 @@
 
 import itertools
 import logging
+import shutil
 
 import pytest
 import torch
 from detectron2.engine import HookBase, hooks
 from detectron2.utils.env import seed_all_rng
-from helpers import LAZY_VAL_16, QUICK_YAML, TINY_OPTS
+from helpers import LAZY_TINY_OVERRIDES, QUICK_PY, QUICK_YAML, TINY_OPTS
 
 from saltnet.checkpoint import AtomicCheckpointer
 from saltnet.config import load_yaml_config
@@ -154,24 +155,18 @@ def test_build_trainer_refuses_an_unknown_amp_precision():
         build_trainer(model, [], optimizer, True, "half")
 
 
-def test_lazy_config_resume_reproduces_the_uninterrupted_run(run_tool, tmp_path):
-    config = ["--config-file", "configs/quick_schedule/salt_R_18_synthetic.py"]
-    args = [
-        "train.max_iter=8",
-        "train.checkpointer.period=4",
-        "dataloader.train.total_batch_size=2",
-    ]
-    args += ["dataloader.train.num_workers=0", "dataloader.test.num_workers=0", LAZY_VAL_16]
-    args += [f"train.output_dir={tmp_path}"]
-    proc = run_tool("train_net.py", *config, *args)
+def test_lazy_config_resume_reproduces_the_uninterrupted_run(lazy_quick_train, run_tool, tmp_path):
+    straight, proc = lazy_quick_train
     assert proc.returncode == 0, proc.stderr[-3000:]
-    straight = torch.load(tmp_path / "model_final.pth", weights_only=False)["model"]
-
     # As if killed after the checkpoint of iteration 3.
-    (tmp_path / "model_final.pth").unlink()
-    (tmp_path / "last_checkpoint").write_text("model_0000003.pth")
-    proc = run_tool("train_net.py", *config, "--resume", *args)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(straight / "model_0000003.pth", resumed)
+    (resumed / "last_checkpoint").write_text("model_0000003.pth")
+    args = ["--config-file", QUICK_PY, "--resume", *LAZY_TINY_OVERRIDES]
+    proc = run_tool("train_net.py", *args, f"train.output_dir={resumed}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Starting training from iteration 4" in proc.stdout + proc.stderr
-    resumed = torch.load(tmp_path / "model_final.pth", weights_only=False)["model"]
-    assert [k for k in straight if not torch.equal(straight[k], resumed[k])] == []
+    want, got = (torch.load(d / "model_final.pth", weights_only=False)["model"]
+                 for d in (straight, resumed))
+    assert [k for k in want if not torch.equal(want[k], got[k])] == []

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 from detectron2.engine import default_argument_parser
-from helpers import LAZY_VAL_16, QUICK_YAML, REPO_ROOT
+from helpers import LAZY_VAL_16, QUICK_PY, QUICK_YAML, REPO_ROOT
 
 
 def _metrics(out_dir):
@@ -100,31 +100,19 @@ def test_resume_continues_from_the_saved_iteration(quick_train, run_tool, tiny_o
 
 
 @pytest.mark.slow
-def test_lazy_config_trains_and_evaluates(run_tool, tmp_path):
-    proc = run_tool(
-        "train_net.py",
-        "--config-file",
-        "configs/quick_schedule/salt_R_18_synthetic.py",
-        "train.max_iter=4",
-        "train.log_period=2",
-        f"train.output_dir={tmp_path}",
-        "dataloader.train.total_batch_size=2",
-        "dataloader.train.num_workers=0",
-        "dataloader.test.num_workers=0",
-        LAZY_VAL_16,
-        "model.test_score_thresh=0.0",
-    )
+def test_lazy_config_trains_and_evaluates(lazy_quick_train, run_tool, tmp_path):
+    out, proc = lazy_quick_train
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (tmp_path / "model_final.pth").is_file()
-    assert max(m["iteration"] for m in _metrics(tmp_path)) == 3
+    assert (out / "model_final.pth").is_file()
+    assert max(m["iteration"] for m in _metrics(out)) == 7
     assert "eta:" in proc.stdout
     ap = _copypaste_ap(proc.stdout)  # evaluated with COCOEvaluator
 
-    weights = tmp_path / "model_final.pth"
+    weights = out / "model_final.pth"
     proc = run_tool(
         "train_net.py",
         "--config-file",
-        "configs/quick_schedule/salt_R_18_synthetic.py",
+        QUICK_PY,
         "--eval-only",
         f"train.init_checkpoint={weights}",
         f"train.output_dir={tmp_path / 'eval'}",
