@@ -17,7 +17,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from release_reference import _iou_and_giou
 
-from saltnet.config import get_saltnet_cfg
+from saltnet.config import constructor_defaults, get_saltnet_cfg
 from saltnet.modeling import SALTFCOS, SALTFCOSHead, SALTRetinaNet, SALTRetinaNetHead
 from saltnet.modeling.box_coding import aligned_giou
 
@@ -135,6 +135,13 @@ def test_salt_off_retinanet_from_yaml_is_detectron2():
     salt = build_model(cfg)
     assert salt.head.salt_on and salt.head.salt.reg_dcn.backend == "torchvision"
     assert "loss_salt_coarse" in losses_of(salt)
+
+
+def test_yaml_keys_default_to_the_constructors():
+    retinanet = get_saltnet_cfg().MODEL.RETINANET
+    head, detector = constructor_defaults(SALTRetinaNetHead), constructor_defaults(SALTRetinaNet)
+    assert (retinanet.SALT_ON, retinanet.SALT_NORM) == (head["salt_on"], head["salt_norm"])
+    assert retinanet.SALT_COARSE_LOSS_WEIGHT == detector["loss_coarse_weight"]
 
 
 @pytest.mark.parametrize("name, num_anchors", [("fcos", 1), ("retinanet", 9)])
