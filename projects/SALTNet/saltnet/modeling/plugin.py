@@ -256,10 +256,16 @@ class SALTRetinaNet(_SALTPlugin, RetinaNet):
     @classmethod
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
-        # RetinaNet.from_config built a plain RetinaNetHead: replace it.
+        # RetinaNet.from_config built a plain RetinaNetHead from detectron2's random draws:
+        # replace it with a SALTRetinaNetHead holding its parameters, built on a fork of the RNG
+        # (its SALT operator's draws are kept) so that the global RNG stays where detectron2's
+        # RetinaNet leaves it.
         shapes = ret["backbone"].output_shape()
         head_shapes = [shapes[f] for f in cfg.MODEL.RETINANET.IN_FEATURES]
-        ret["head"] = SALTRetinaNetHead(cfg, head_shapes)
+        with torch.random.fork_rng(devices=[]):  # modules are initialised on the CPU
+            head = SALTRetinaNetHead(cfg, head_shapes)
+        head.load_state_dict(ret["head"].state_dict(), strict=False)  # missing: the SALT operator
+        ret["head"] = head
         ret["loss_coarse_weight"] = cfg.MODEL.RETINANET.SALT_COARSE_LOSS_WEIGHT
         return ret
 
