@@ -17,7 +17,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from release_reference import _iou_and_giou
 
-from saltnet.config import get_saltnet_cfg
+from saltnet.config import constructor_defaults, get_saltnet_cfg
 from saltnet.modeling import SALTFCOS, SALTFCOSHead, SALTRetinaNet, SALTRetinaNetHead
 from saltnet.modeling.box_coding import aligned_giou
 
@@ -108,7 +108,8 @@ def test_salt_off_is_detectron2(name):
         assert torch.equal(ref.pred_classes, out.pred_classes)
 
 
-def test_salt_off_retinanet_from_yaml_is_detectron2():
+def small_yaml_cfg():
+    """A YAML config of detectron2's RetinaNet, shrunk as :func:`small_lazy_model`."""
     cfg = get_saltnet_cfg()
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.RESNETS.DEPTH = 18
@@ -119,6 +120,11 @@ def test_salt_off_retinanet_from_yaml_is_detectron2():
     cfg.MODEL.BACKBONE.NAME = "build_retinanet_resnet_fpn_backbone"
     cfg.MODEL.RETINANET.NUM_CLASSES = NUM_CLASSES
     cfg.MODEL.RETINANET.NUM_CONVS = 2
+    return cfg
+
+
+def test_salt_off_retinanet_from_yaml_is_detectron2():
+    cfg = small_yaml_cfg()
     cfg.MODEL.RETINANET.SALT_ON = False
     cfg.MODEL.META_ARCHITECTURE = "RetinaNet"
     reference = build_model(cfg)
@@ -135,6 +141,32 @@ def test_salt_off_retinanet_from_yaml_is_detectron2():
     salt = build_model(cfg)
     assert salt.head.salt_on and salt.head.salt.reg_dcn.backend == "torchvision"
     assert "loss_salt_coarse" in losses_of(salt)
+
+
+@pytest.mark.parametrize("salt_on", [False, True])
+def test_yaml_retinanet_draws_detectron2s_parameters(salt_on):
+    """From the same seed, a YAML SALTRetinaNet holds detectron2's RetinaNet's parameters (SALT
+    on: besides the SALT operator's) and leaves the global RNG in the same state."""
+    cfg = small_yaml_cfg()
+    cfg.MODEL.RETINANET.SALT_ON = salt_on
+    built = {}
+    for arch in ("RetinaNet", "SALTRetinaNet"):
+        cfg.MODEL.META_ARCHITECTURE = arch
+        torch.manual_seed(0)
+        built[arch] = build_model(cfg).state_dict(), torch.get_rng_state()
+    (ref_state, ref_rng), (our_state, our_rng) = built.values()
+    assert [k for k in our_state if not k.startswith("head.salt.")] == list(ref_state)
+    assert (any(k.startswith("head.salt.") for k in our_state)) == salt_on
+    for key in ref_state:
+        assert torch.equal(ref_state[key], our_state[key]), key
+    assert torch.equal(ref_rng, our_rng)
+
+
+def test_yaml_keys_default_to_the_constructors():
+    retinanet = get_saltnet_cfg().MODEL.RETINANET
+    head, detector = constructor_defaults(SALTRetinaNetHead), constructor_defaults(SALTRetinaNet)
+    assert (retinanet.SALT_ON, retinanet.SALT_NORM) == (head["salt_on"], head["salt_norm"])
+    assert retinanet.SALT_COARSE_LOSS_WEIGHT == detector["loss_coarse_weight"]
 
 
 @pytest.mark.parametrize("name, num_anchors", [("fcos", 1), ("retinanet", 9)])

@@ -2,15 +2,16 @@
 """One training step of every paper config and both plug-ins, in each precision and on each
 deformable-conv backend, from the same weights and batch (step c of ``tools/device/check.sh``).
 
-    python tools/device/train_step.py --output steps.json           # CUDA: fp32, fp16, bf16
+    python tools/device/train_step.py --output steps.json    # CUDA: float32, float16, bfloat16
     python tools/device/train_step.py --tiny --configs salt_R_50_FPN_1x.yaml
 
 Per (config, precision, backend): the losses are finite, every trainable parameter receives a
-gradient (what DDP's unused-parameter check catches) and, for fp16, the GradScaler's unscaled
+gradient (what DDP's unused-parameter check catches) and, for float16, the GradScaler's unscaled
 gradients are finite or the step is skipped as detectron2's AMPTrainer does. The second backend's
 total loss is compared with the first's: within ``TOLERANCE`` of it, relative. CUDA compares
-``triton`` with ``torchvision`` in fp32, fp16 (GradScaler) and bf16; the CPU compares ``gather``
-with ``torchvision`` in fp32 (``--tiny`` images, automatically without CUDA).
+``triton`` with ``torchvision`` in float32 and the AMP precisions of ``SOLVER.AMP.PRECISION``
+(float16 with the GradScaler, bfloat16); the CPU compares ``gather`` with ``torchvision`` in
+float32 (``--tiny`` images, automatically without CUDA).
 """
 
 import argparse
@@ -26,6 +27,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from saltnet.config import load_yaml_config
+from saltnet.config_checks import AMP_PRECISIONS
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
@@ -42,9 +44,9 @@ CONFIGS = [
     "plugin/retinanet_R_50_FPN_1x_salt.py",
 ]
 # Relative difference of the total loss between two backends from the same weights and batch:
-# fp32 kernels agree to ~1e-6 per convolution; bf16 / fp16 round every operand to 8 / 11 bits.
-TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 5e-2}
-AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# float32 kernels agree to ~1e-6 per convolution; bfloat16 / float16 round every operand to 8 / 11
+# bits. The precisions: float32 and the AMP precisions (autocast dtypes) of SOLVER.AMP.PRECISION.
+TOLERANCE = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 5e-2}
 
 
 def build(config: str, backend: str, device: str):
@@ -59,13 +61,13 @@ def build(config: str, backend: str, device: str):
 
 
 def train_step(model, inputs, precision: str, device: str) -> dict:
-    """Losses of one SGD step (GradScaler for fp16), the parameters left without a gradient,
-    whether the (unscaled) gradients are finite."""
+    """Losses of one SGD step (autocast for an ``AMP_PRECISIONS`` name, GradScaler for float16),
+    the parameters left without a gradient, whether the (unscaled) gradients are finite."""
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
-    amp = precision in AMP_DTYPES
-    with EventStorage(), torch.autocast(device, AMP_DTYPES.get(precision), enabled=amp):
+    scaler = torch.amp.GradScaler(device, enabled=precision == "float16")
+    amp = precision in AMP_PRECISIONS
+    with EventStorage(), torch.autocast(device, AMP_PRECISIONS.get(precision), enabled=amp):
         losses = model(inputs)
     total = sum(losses.values())
     scaler.scale(total).backward()
@@ -106,7 +108,7 @@ def check_config(config, device, precisions, backends, size, batch):
                 problems.append(f"non-finite losses {result['losses']}")
             if result["no_grad"]:
                 problems.append(f"no gradient: {result['no_grad'][:5]}")
-            if not result["grads_finite"] and precision != "fp16":
+            if not result["grads_finite"] and precision != "float16":
                 problems.append("non-finite gradients")
             diff = None
             if first is None:
@@ -147,7 +149,7 @@ def main(argv=None):
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     tiny = args.tiny or not cuda
-    precisions = ["fp32", "fp16", "bf16"] if cuda else ["fp32"]
+    precisions = ["float32", *AMP_PRECISIONS] if cuda else ["float32"]
     backends = ["torchvision", "triton"] if cuda else ["torchvision", "gather"]
     size, batch = (64, 1) if tiny else (512, 2)
     rows = []

@@ -1,8 +1,8 @@
 """SALT-Net's config: the keys it adds to detectron2's (``MODEL.SALTNET``, ``MODEL.RES2NET``,
 the dataset keys) with their defaults, and the checked loader of YAML configs.
 
-Defaults follow the paper and the authors' release; SALT-Net's hyper-parameters take theirs from
-the model's constructors (:func:`constructor_defaults`).
+Defaults follow the paper and the authors' release; SALT-Net's hyper-parameters and the SALT
+plug-in's take theirs from the models' constructors (:func:`constructor_defaults`).
 """
 
 import inspect
@@ -14,7 +14,7 @@ from detectron2.config import get_cfg
 
 from .config_checks import check_config, merge_config
 from .data.register import add_dataset_config
-from .modeling import SALTHead, SALTNet
+from .modeling import SALTHead, SALTNet, SALTRetinaNet, SALTRetinaNetHead
 
 __all__ = [
     "add_res2net_config",
@@ -118,10 +118,13 @@ def add_saltnet_config(cfg):
     cfg.INPUT.RESIZE_BACKEND = "pil"
     # SALT as a plug-in on detectron2's RetinaNet (MODEL.META_ARCHITECTURE "SALTRetinaNet", see
     # saltnet/modeling/plugin.py): the SALT operator on/off (off = detectron2's RetinaNet), the
-    # norm of its convs, the weight of the coarse-box GIoU loss. Deformable convs: DEFORM_BACKEND.
-    cfg.MODEL.RETINANET.SALT_ON = True
-    cfg.MODEL.RETINANET.SALT_NORM = "GN"
-    cfg.MODEL.RETINANET.SALT_COARSE_LOSS_WEIGHT = 1.0
+    # norm of its convs, the weight of the coarse-box GIoU loss (the constructors' defaults).
+    # Deformable convs: DEFORM_BACKEND.
+    plugin_head = constructor_defaults(SALTRetinaNetHead)
+    cfg.MODEL.RETINANET.SALT_ON = plugin_head["salt_on"]
+    cfg.MODEL.RETINANET.SALT_NORM = plugin_head["salt_norm"]
+    coarse_weight = constructor_defaults(SALTRetinaNet)["loss_coarse_weight"]
+    cfg.MODEL.RETINANET.SALT_COARSE_LOSS_WEIGHT = coarse_weight
     # The autocast dtype of AMP training (SOLVER.AMP.ENABLED): "float16" or "bfloat16".
     cfg.SOLVER.AMP.PRECISION = "float16"
     return cfg

@@ -207,30 +207,37 @@ class _SALTPlugin(PointSetOutputs):
     def _decode_multi_level_predictions(
         self, anchors, pred_scores, pred_deltas, score_thresh, topk_candidates, image_size
     ) -> Instances:
-        """detectron2's decoding, each detection also recording where it was decoded:
-        ``pred_levels`` and ``pred_locations`` (row x Wi + column), see :meth:`_decoded_at`."""
-        decode = super()._decode_multi_level_predictions
-        pred = decode(anchors, pred_scores, pred_deltas, score_thresh, topk_candidates, image_size)
-        at = self._decoded_at(pred_scores, score_thresh, topk_candidates, image_size)
-        pred.pred_levels, pred.pred_locations = at
-        return pred
+        """detectron2's decoding of one image, each detection also recording where it was decoded:
+        ``pred_levels`` and ``pred_locations`` (row x Wi + column of its level).
 
-    def _decoded_at(self, pred_scores, score_thresh, topk_candidates, image_size):
-        """(level, location) of each detection that detectron2's decoding keeps from
-        ``pred_scores`` (per level (Hi x Wi x A, K)): the same decoding of the same scores, on
-        zero-size boxes at (x, y) = (anchor index, level) and zero deltas, which RetinaNet's and
-        FCOS's box transforms decode to those boxes exactly."""
+        ``anchors``: per level Hi x Wi x A boxes; ``pred_scores`` / ``pred_deltas``: per level
+        (Hi x Wi x A, K) / (Hi x Wi x A, 4). detectron2's decoding runs once, on zero-size boxes
+        at (x, y) = (anchor index, level) and zero deltas, which RetinaNet's and FCOS's box
+        transforms decode to those boxes exactly: it keeps detectron2's detections (threshold,
+        top-k, scores, classes, order) and says where each came from. Only their deltas are then
+        decoded around their anchors, level by level on the same rows as detectron2's, so the
+        boxes (pixels) are detectron2's bit for bit.
+        """
         index_boxes, zeros = [], []
         for level, scores in enumerate(pred_scores):
             index = torch.arange(len(scores), device=scores.device, dtype=torch.float32)
             at_level = torch.full_like(index, level)
             index_boxes.append(Boxes(torch.stack([index, at_level, index, at_level], dim=1)))
             zeros.append(index.new_zeros(len(index), 4))
-        decoded = super()._decode_multi_level_predictions(
+        pred = super()._decode_multi_level_predictions(
             index_boxes, pred_scores, zeros, score_thresh, topk_candidates, image_size
         )
-        anchor_index, level = decoded.pred_boxes.tensor[:, :2].long().unbind(dim=1)
-        return level, anchor_index // self.anchor_generator.num_cell_anchors[0]
+        anchor_index, level = pred.pred_boxes.tensor[:, :2].long().unbind(dim=1)
+        # The detections come level by level: their anchor indices per level.
+        per_level = anchor_index.split(torch.bincount(level, minlength=len(anchors)).tolist())
+        boxes = [
+            self.box2box_transform.apply_deltas(deltas[i], anchors_i.tensor[i])
+            for i, deltas, anchors_i in zip(per_level, pred_deltas, anchors)
+        ]
+        pred.pred_boxes = Boxes(cat(boxes))
+        pred.pred_levels = level
+        pred.pred_locations = anchor_index // self.anchor_generator.num_cell_anchors[0]
+        return pred
 
 
 @META_ARCH_REGISTRY.register()
@@ -249,10 +256,16 @@ class SALTRetinaNet(_SALTPlugin, RetinaNet):
     @classmethod
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
-        # RetinaNet.from_config built a plain RetinaNetHead: replace it.
+        # RetinaNet.from_config built a plain RetinaNetHead from detectron2's random draws:
+        # replace it with a SALTRetinaNetHead holding its parameters, built on a fork of the RNG
+        # (its SALT operator's draws are kept) so that the global RNG stays where detectron2's
+        # RetinaNet leaves it.
         shapes = ret["backbone"].output_shape()
         head_shapes = [shapes[f] for f in cfg.MODEL.RETINANET.IN_FEATURES]
-        ret["head"] = SALTRetinaNetHead(cfg, head_shapes)
+        with torch.random.fork_rng(devices=[]):  # modules are initialised on the CPU
+            head = SALTRetinaNetHead(cfg, head_shapes)
+        head.load_state_dict(ret["head"].state_dict(), strict=False)  # missing: the SALT operator
+        ret["head"] = head
         ret["loss_coarse_weight"] = cfg.MODEL.RETINANET.SALT_COARSE_LOSS_WEIGHT
         return ret
 
