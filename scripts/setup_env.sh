@@ -25,17 +25,18 @@ fi
 py="$VENV/bin/python"
 pip() { "$py" -m pip --disable-pip-version-check "$@"; }
 
-if "$py" -c "import torch, torchvision; torchvision.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)" \
-    >/dev/null 2>&1; then
-  say "torch/torchvision: keeping $("$py" -c 'import torch, torchvision as tv; print(torch.__version__, tv.__version__)')"
+# Each check is one interpreter start (importing torch takes seconds): it prints what it keeps.
+if kept=$("$py" -c "import torch, torchvision as tv; tv.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)
+print(torch.__version__, tv.__version__)" 2>/dev/null); then
+  say "torch/torchvision: keeping $kept"
 else
   say "torch/torchvision: installing $TORCH_PAIR"
   pip install $TORCH_PAIR
   installed+=("torch")
 fi
 
-if "$py" -c "import detectron2" >/dev/null 2>&1; then
-  say "detectron2: keeping $("$py" -c 'import detectron2, os; print(detectron2.__version__, "at", os.path.dirname(detectron2.__file__))')"
+if kept=$("$py" -c 'import detectron2, os; print(detectron2.__version__, "at", os.path.dirname(detectron2.__file__))' 2>/dev/null); then
+  say "detectron2: keeping $kept"
 else
   site=$("$py" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
   say "detectron2: installing the pure-Python part of $DETECTRON2_WHEEL into $site"
@@ -51,7 +52,9 @@ else
   installed+=("requirements")
 fi
 
-if "$py" -c "import saltnet, os, sys; sys.exit(os.path.realpath(saltnet.__file__) != os.path.realpath('projects/SALTNet/saltnet/__init__.py'))" \
+# Where "import saltnet" would load it from, without importing it (and torch with it).
+if "$py" -c "import importlib.util as u, os, sys; spec = u.find_spec('saltnet')
+sys.exit(spec is None or os.path.realpath(spec.origin) != os.path.realpath('projects/SALTNet/saltnet/__init__.py'))" \
     >/dev/null 2>&1; then
   say "saltnet: editable install in place"
 else
