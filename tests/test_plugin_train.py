@@ -28,14 +28,15 @@ def _ok(proc):
 
 
 def _check_resume_and_demo(run_tool, synthetic_root, tmp_path, config, train_args, weights_opt):
-    """After a straight run into tmp_path/train: resuming from iteration 3 gives the same final
-    weights; the demo draws pictures, with points different from without."""
+    """After a straight run into tmp_path/train (4 iterations): resuming from the checkpoint of
+    iteration 1 gives the same final weights; the demo draws pictures, with points different from
+    without."""
     out = tmp_path / "train"
     straight = torch.load(out / "model_final.pth", weights_only=False)["model"]
     (out / "model_final.pth").unlink()
-    (out / "last_checkpoint").write_text("model_0000003.pth")
+    (out / "last_checkpoint").write_text("model_0000001.pth")
     log = _ok(run_tool("train_net.py", "--config-file", config, "--resume", *train_args))
-    assert "Starting training from iteration 4" in log
+    assert "Starting training from iteration 2" in log
     resumed = torch.load(out / "model_final.pth", weights_only=False)["model"]
     assert [k for k in straight if not torch.equal(straight[k], resumed[k])] == []
 
@@ -54,8 +55,8 @@ def _check_resume_and_demo(run_tool, synthetic_root, tmp_path, config, train_arg
 @pytest.mark.slow
 def test_fcos_with_salt_from_a_lazy_config(run_tool, synthetic_root, tmp_path):
     train_args = [
-        "train.max_iter=8",
-        "train.checkpointer.period=4",
+        "train.max_iter=4",
+        "train.checkpointer.period=2",
         "dataloader.train.total_batch_size=2",
         "dataloader.train.num_workers=0",
         "dataloader.test.num_workers=0",
@@ -85,8 +86,8 @@ def test_fcos_with_salt_from_a_lazy_config(run_tool, synthetic_root, tmp_path):
 def test_retinanet_with_salt_from_yaml(run_tool, synthetic_root, tmp_path):
     # fmt: off
     train_args = [
-        "SOLVER.MAX_ITER", "8", "SOLVER.STEPS", "(6,)", "SOLVER.WARMUP_ITERS", "2",
-        "SOLVER.CHECKPOINT_PERIOD", "4", "SOLVER.IMS_PER_BATCH", "2",
+        "SOLVER.MAX_ITER", "4", "SOLVER.STEPS", "(3,)", "SOLVER.WARMUP_ITERS", "1",
+        "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.IMS_PER_BATCH", "2",
         "DATALOADER.NUM_WORKERS", "0", "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0",
         *YAML_VAL_16,
         "OUTPUT_DIR", tmp_path / "train",
