@@ -33,13 +33,16 @@ def pytest_configure(config):
 # file handed out last would leave the other worker idle at the end.
 LONGEST_FIRST = (
     "test_clusters.py",
-    "test_export.py",
     "test_plugin_train.py",
+    "test_export.py",
     "test_triton_deform.py",
-    "test_train_net.py",
     "test_demo.py",
+    "test_release_parity.py",
     "test_benchmark_accuracy.py",
     "test_resume.py",
+    "test_train_net.py",
+    "test_backbone_conversion.py",
+    "test_device_check.py",
     "test_benchmark.py",
 )
 
