@@ -28,6 +28,8 @@ def test_tiny_check_reports_every_step(check, tmp_path, monkeypatch):
     assert statuses["cuda_tests"] == ("pass" if torch.cuda.is_available() else "skipped: no CUDA")
     assert statuses["environment"] == "pass" and statuses["deform_speed"] == "pass", statuses
     assert code == 0 and report["tiny"] is True
+    assert report["cuda"] is torch.cuda.is_available()
+    assert report["saltnet"] == str(REPO_ROOT / "projects/SALTNet/saltnet/__init__.py")
     environment, _, deform = report["steps"]
     assert environment["figures"]["torch"] == torch.__version__
     assert environment["figures"]["saltnet"]  # imported, not "IMPORT FAILED"

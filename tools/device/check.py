@@ -292,15 +292,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    probe = subprocess.run(_python("-c", "import torch; print(torch.cuda.is_available())"),
-                           capture_output=True, text=True, timeout=60)
-    cuda = probe.stdout.strip().endswith("True")
+    cuda, saltnet_location = _probe()
     with tempfile.TemporaryDirectory(prefix="saltnet_check_") as work:
         ctx = Context(out=out, work=Path(work), cuda=cuda, tiny=args.tiny or not cuda,
                       log=out / "check.log")
         ctx.log.write_text("")
         meta = {"cuda": cuda, "tiny": ctx.tiny, "python": sys.executable,
-                "saltnet": _saltnet_location(), "total_s": 0.0}
+                "saltnet": saltnet_location, "total_s": 0.0}
         start, results = time.perf_counter(), []
         for name in args.steps:  # the report after each step: a kill keeps what was done
             results.append(run_step(ctx, name, *STEPS[name]))
@@ -310,10 +308,18 @@ def main(argv=None):
     return 0 if all(not r.status.startswith("fail") for r in results) else 1
 
 
-def _saltnet_location():
-    proc = subprocess.run(_python("-c", "import saltnet; print(saltnet.__file__)"),
-                          capture_output=True, text=True, cwd=REPO)
-    return proc.stdout.strip() or proc.stderr.strip()[-300:]
+def _probe():
+    """(whether torch sees CUDA, where saltnet is imported from or why it is not), in one
+    interpreter start."""
+    proc = subprocess.run(
+        _python("-c", "import torch; print(torch.cuda.is_available())\n"
+                      "import saltnet; print(saltnet.__file__)"),
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    lines = proc.stdout.splitlines()
+    cuda = bool(lines) and lines[0].strip() == "True"
+    location = lines[1].strip() if len(lines) > 1 else proc.stderr.strip()[-300:]
+    return cuda, location
 
 
 if __name__ == "__main__":
