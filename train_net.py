@@ -24,7 +24,7 @@ import logging
 import os
 
 from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks
+from detectron2.engine import default_argument_parser, default_setup, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format, verify_results
 from detectron2.utils import comm
@@ -32,7 +32,7 @@ from detectron2.utils import comm
 from saltnet.checkpoint import AtomicCheckpointer
 from saltnet.config import load_yaml_config
 from saltnet.data import register_datasets_from_cfg
-from saltnet.engine import SALTNetTrainer, build_trainer, ddp_device_ids
+from saltnet.engine import SALTNetTrainer, build_trainer, build_writers, ddp_device_ids
 from saltnet.launch import launch_from_args
 from saltnet.lazy_overrides import check_lazy_overrides
 from saltnet.preemption import PreemptionHook
@@ -90,7 +90,7 @@ def do_train_lazy(args, cfg):
             hooks.EvalHook(cfg.train.eval_period, lambda: do_test_lazy(cfg, model)),
             (
                 hooks.PeriodicWriter(
-                    default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                    build_writers(cfg.train.output_dir, cfg.train.max_iter),
                     period=cfg.train.log_period,
                 )
                 if comm.is_main_process()

@@ -10,11 +10,12 @@ from typing import Mapping, Optional
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, default_writers
 from detectron2.engine import defaults as d2_defaults
 from detectron2.engine import hooks
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
+from detectron2.utils.events import CommonMetricPrinter
 
 from .checkpoint import AtomicCheckpointer
 from .config_checks import amp_precision
@@ -25,7 +26,9 @@ __all__ = [
     "SALTNetAMPTrainer",
     "SALTNetSimpleTrainer",
     "SALTNetTrainer",
+    "MetricPrinter",
     "build_trainer",
+    "build_writers",
     "ddp_device_ids",
 ]
 
@@ -51,6 +54,31 @@ def _ddp_device_ids_of_the_model():
         yield
     finally:
         d2_defaults.create_ddp_model = create_ddp_model
+
+
+class MetricPrinter(CommonMetricPrinter):
+    """detectron2's :class:`CommonMetricPrinter`, which divides by zero when it prints twice at
+    one iteration before ``IterationTimer`` has recorded times: the last print of a run stopped
+    (preempted, or by an error) in its first iterations, right after a periodic print. The run
+    then ended with a ZeroDivisionError instead of its own exit (a preempted run's status 75)."""
+
+    def _get_eta(self, storage):
+        if (
+            "time" not in storage.histories()
+            and self._last_write is not None
+            and self._last_write[0] == storage.iter
+        ):
+            return None  # no iteration since the last estimate: no ETA to print
+        return super()._get_eta(storage)
+
+
+def build_writers(output_dir: str, max_iter: int) -> list:
+    """detectron2's ``default_writers`` (metric printer, JSON, TensorBoard), printing with
+    :class:`MetricPrinter`."""
+    return [
+        MetricPrinter(max_iter) if type(w) is CommonMetricPrinter else w
+        for w in default_writers(output_dir, max_iter)
+    ]
 
 
 class _NamedNonFiniteLoss:
@@ -143,6 +171,9 @@ class SALTNetTrainer(DefaultTrainer):
         if isinstance(dataset, SeededMapDataset):
             ret.append(hooks.CallbackHook(after_train=lambda _: _log_unreadable(dataset)))
         return ret
+
+    def build_writers(self):
+        return build_writers(self.cfg.OUTPUT_DIR, self.max_iter)
 
     def resume_or_load(self, resume: bool = True) -> None:
         super().resume_or_load(resume=resume)
