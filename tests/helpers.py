@@ -31,9 +31,9 @@ TINY_OPTS = [
     "MODEL.SALTNET.SCORE_THRESH_TEST", "0.0",
 ]
 # fmt: on
-# Shrinks the LazyConfig quick-schedule config (conftest's ``lazy_quick_train``): 8 iterations
-# of 2 images, a checkpoint after iteration 3, no data workers; detections at any score (an AP table
-# even from an untrained model) on the 16-image validation subset.
+# Shrinks a LazyConfig quick-schedule config (conftest's ``lazy_quick_train``; later overrides
+# win): 8 iterations of 2 images, a checkpoint after iteration 3, no data workers; detections at
+# any score (an AP table even from an untrained model) on the 16-image validation subset.
 LAZY_TINY_OVERRIDES = [
     "train.max_iter=8",
     "train.log_period=2",

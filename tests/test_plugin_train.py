@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from helpers import LAZY_VAL_16, YAML_VAL_16
+from helpers import LAZY_TINY_OVERRIDES, YAML_VAL_16
 
 FCOS_PY = "configs/quick_schedule/fcos_salt_R_18_synthetic.py"
 RETINANET_YAML = "configs/quick_schedule/retinanet_salt_R_18_synthetic.yaml"
@@ -54,16 +54,8 @@ def _check_resume_and_demo(run_tool, synthetic_root, tmp_path, config, train_arg
 
 @pytest.mark.slow
 def test_fcos_with_salt_from_a_lazy_config(run_tool, synthetic_root, tmp_path):
-    train_args = [
-        "train.max_iter=4",
-        "train.checkpointer.period=2",
-        "dataloader.train.total_batch_size=2",
-        "dataloader.train.num_workers=0",
-        "dataloader.test.num_workers=0",
-        LAZY_VAL_16,
-        "model.test_score_thresh=0.0",
-        f"train.output_dir={tmp_path / 'train'}",
-    ]
+    train_args = [*LAZY_TINY_OVERRIDES, "train.max_iter=4", "train.checkpointer.period=2"]
+    train_args.append(f"train.output_dir={tmp_path / 'train'}")
     log = _ok(run_tool("train_net.py", "--config-file", FCOS_PY, *train_args))
     assert "loss_salt_coarse" in log and "loss_fcos_ctr" in log and AP_TABLE in log
 
