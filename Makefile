@@ -21,7 +21,7 @@ lint: setup
 	$(PY) -m isort --check-only --diff projects tests tools train_net.py demo scripts
 
 env: setup
-	$(PY) -m saltnet.collect_env
+	$(PY) -m saltnet.utils.collect_env
 
 # .device/: the offline wheels tools/device/check.sh installs on a GPU machine (DEVELOPERS.md).
 device-kit:

@@ -2,7 +2,7 @@
 """SALT-Net training and evaluation script.
 
 A ``.yaml`` config runs through detectron2's :class:`DefaultTrainer` (see
-``saltnet.engine.SALTNetTrainer``); a ``.py`` LazyConfig runs the loop of detectron2's
+``saltnet.engine.trainer.SALTNetTrainer``); a ``.py`` LazyConfig runs the loop of detectron2's
 ``tools/lazyconfig_train_net.py``. The flags are the same for both, e.g.::
 
     python train_net.py --config-file configs/salt_R_50_FPN_1x.yaml --num-gpus 8
@@ -12,8 +12,8 @@ A ``.yaml`` config runs through detectron2's :class:`DefaultTrainer` (see
     torchrun --nproc_per_node 8 train_net.py --config-file configs/salt_R_50_FPN_1x.yaml
 
 Under torchrun (any env:// launcher) or srun the workers join the environment's process group
-instead of being spawned (``saltnet.launch``); SIGTERM/SIGUSR1/SIGUSR2 stop training after the
-current iteration with a checkpoint of it (``saltnet.preemption``). See docs/CLUSTERS.md.
+instead of being spawned (``saltnet.engine.launch``); SIGTERM/SIGUSR1/SIGUSR2 stop training after
+the current iteration with a checkpoint of it (``saltnet.engine.preemption``). See docs/CLUSTERS.md.
 
 Datasets besides detectron2's builtin ones are registered from the config: ``DATASETS.REGISTER``
 (YAML) or ``dataloader.register`` (LazyConfig), a list of ``NAME=coco:JSON:IMAGE_DIR`` /
@@ -29,13 +29,13 @@ from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format, verify_results
 from detectron2.utils import comm
 
-from saltnet.checkpoint import AtomicCheckpointer
-from saltnet.config import load_yaml_config
+from saltnet.checkpoint.checkpointer import AtomicCheckpointer
+from saltnet.config.defaults import load_yaml_config
+from saltnet.config.lazy_overrides import check_lazy_overrides
 from saltnet.data import register_datasets_from_cfg
-from saltnet.engine import SALTNetTrainer, build_trainer, build_writers, ddp_device_ids
-from saltnet.launch import launch_from_args
-from saltnet.lazy_overrides import check_lazy_overrides
-from saltnet.preemption import PreemptionHook
+from saltnet.engine.launch import launch_from_args
+from saltnet.engine.preemption import PreemptionHook
+from saltnet.engine.trainer import SALTNetTrainer, build_trainer, build_writers, ddp_device_ids
 
 logger = logging.getLogger("detectron2")
 

@@ -27,13 +27,13 @@ from detectron2.config import CfgNode, LazyConfig
 from detectron2.data import MetadataCatalog
 from detectron2.utils.logger import setup_logger
 
-from saltnet.config import load_yaml_config
+from saltnet.config.defaults import load_yaml_config
+from saltnet.config.lazy_overrides import check_lazy_overrides
 from saltnet.data import register_datasets_from_cfg, register_datasets_from_lazy_cfg
 from saltnet.data.image_io import read_image
 from saltnet.data.register import lazy_dataset_names
-from saltnet.lazy_overrides import check_lazy_overrides
-from saltnet.predictor import Predictor
-from saltnet.visualize import SALTVisualizationDemo
+from saltnet.export.predictor import Predictor
+from saltnet.utils.visualize import SALTVisualizationDemo
 
 WINDOW_NAME = "SALT-Net detections"
 

@@ -20,7 +20,7 @@ from detectron2.utils.visualizer import Visualizer
 
 from saltnet.data import register_datasets_from_cfg
 from saltnet.data.image_io import read_image
-from saltnet.export import ExportedPredictor, load_export_config
+from saltnet.export.exporter import ExportedPredictor, load_export_config
 
 
 def get_parser():

@@ -21,14 +21,14 @@ from helpers import REPO_ROOT
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from saltnet import add_saltnet_config
-from saltnet.config import load_yaml_config
-from saltnet.convert_backbone import (
+from saltnet.checkpoint.convert_backbone import (
     PREFIX,
     UnmappedKeysError,
     check_state_dict_matches,
     convert_backbone_state_dict,
     save_checkpoint,
 )
+from saltnet.config.defaults import load_yaml_config
 from saltnet.modeling.res2net import build_saltnet_res2net_backbone
 from saltnet.modeling.resnet import build_saltnet_resnet_backbone
 

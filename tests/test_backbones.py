@@ -15,7 +15,7 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from saltnet import add_saltnet_config
-from saltnet.config import load_yaml_config
+from saltnet.config.defaults import load_yaml_config
 from saltnet.layers import DeformConv, ModulatedDeformConv, available_backends
 from saltnet.modeling.head import _ModulatedDeformTowerConv
 from saltnet.modeling.res2net import Bottle2neckBlock, DeepStem, build_saltnet_res2net_backbone

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from saltnet.checkpoint import AtomicCheckpointer
+from saltnet.checkpoint.checkpointer import AtomicCheckpointer
 
 
 class _Interrupted(Exception):
@@ -96,7 +96,7 @@ def test_checkpoint_of_another_architecture_loads_what_fits_or_is_refused(tmp_pa
     from detectron2.modeling import build_model
     from test_model import tiny_cfg
 
-    from saltnet.checkpoint import CheckpointMismatchError
+    from saltnet.checkpoint.checkpointer import CheckpointMismatchError
 
     model = build_model(tiny_cfg())
     state = model.state_dict()
@@ -125,7 +125,7 @@ def test_checkpoint_of_another_architecture_loads_what_fits_or_is_refused(tmp_pa
 _SAVE_FOREVER = """
 import sys, torch
 from torch import nn
-from saltnet.checkpoint import AtomicCheckpointer
+from saltnet.checkpoint.checkpointer import AtomicCheckpointer
 model = nn.Linear(1000, 2000)  # 8 MB: each save takes a while
 checkpointer = AtomicCheckpointer(model, sys.argv[1])
 for iteration in range(10**9):

@@ -28,15 +28,15 @@ from helpers import (
     free_port,
 )
 
-from saltnet.checkpoint import AtomicCheckpointer
-from saltnet.engine import MetricPrinter
-from saltnet.launch import (
+from saltnet.checkpoint.checkpointer import AtomicCheckpointer
+from saltnet.engine.launch import (
     distributed_env,
     init_distributed,
     launch_from_args,
     parse_slurm_nodelist,
 )
-from saltnet.preemption import PREEMPTED_EXIT_CODE, PreemptionHook
+from saltnet.engine.preemption import PREEMPTED_EXIT_CODE, PreemptionHook
+from saltnet.engine.trainer import MetricPrinter
 
 TORCHRUN_ENV = {
     "RANK": "1",

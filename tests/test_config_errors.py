@@ -5,13 +5,13 @@ import pytest
 from detectron2.modeling import build_model
 from helpers import QUICK_YAML, REPO_ROOT
 
-from saltnet.config import get_saltnet_cfg
-from saltnet.config_checks import (
+from saltnet.config.checks import (
     ConfigError,
     UnknownConfigKeyError,
     check_config,
     merge_config,
 )
+from saltnet.config.defaults import get_saltnet_cfg
 
 
 def saltnet_cfg():

@@ -9,8 +9,8 @@ from detectron2.solver import build_lr_scheduler
 from helpers import REPO_ROOT
 from omegaconf import ListConfig
 
-from saltnet.config import get_saltnet_cfg, load_yaml_config
-from saltnet.config_checks import num_classes_of
+from saltnet.config.checks import num_classes_of
+from saltnet.config.defaults import get_saltnet_cfg, load_yaml_config
 from saltnet.modeling import SALTFCOS, SALTFCOSHead, SALTRetinaNet, SALTRetinaNetHead
 
 CONFIGS = REPO_ROOT / "configs"
@@ -62,8 +62,8 @@ def test_base_recipe():
 
 @pytest.mark.parametrize("name", YAMLS)
 def test_yaml_sets_only_the_saltnet_keys_it_changes(name):
-    # The defaults are the constructors' (via saltnet/config.py); a file restating one would
-    # hide a change of the default from the configs that rely on it.
+    # The defaults are the constructors' (via saltnet/config/defaults.py); a file restating one
+    # would hide a change of the default from the configs that rely on it.
     written = yaml.safe_load((CONFIGS / name).read_text()).get("MODEL", {}).get("SALTNET", {})
     defaults = get_saltnet_cfg().MODEL.SALTNET
     assert {k: v for k, v in written.items() if defaults[k] == v} == {}

@@ -12,7 +12,7 @@ from helpers import REPO_ROOT
 from release_reference import release_neck_and_head
 
 from saltnet import SALTHead
-from saltnet.convert import (
+from saltnet.checkpoint.convert_mmdet import (
     ClassifierShapeError,
     UnmappedKeysError,
     convert_mmdet_saltnet_state_dict,

@@ -14,7 +14,7 @@ from detectron2.utils.events import EventStorage
 from helpers import QUICK_PY, QUICK_YAML, REPO_ROOT
 from PIL import Image
 
-from saltnet.config import load_yaml_config
+from saltnet.config.defaults import load_yaml_config
 from saltnet.data.image_io import ImageReadError
 from saltnet.data.loader import (
     SeededMapDataset,

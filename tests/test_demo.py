@@ -1,4 +1,5 @@
-"""demo/demo.py, the SALT point sets of saltnet.visualize, and tools/demo_job.py (shortened)."""
+"""demo/demo.py, the SALT point sets of saltnet.utils.visualize, and tools/demo_job.py
+(shortened)."""
 
 import cv2
 import numpy as np
@@ -9,8 +10,8 @@ from detectron2.config import LazyConfig
 from detectron2.modeling import build_model
 from helpers import QUICK_YAML, YAML_VAL_16
 
-from saltnet.config import load_yaml_config
-from saltnet.predictor import Predictor
+from saltnet.config.defaults import load_yaml_config
+from saltnet.export.predictor import Predictor
 
 
 @pytest.fixture(scope="module")

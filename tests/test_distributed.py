@@ -11,7 +11,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
 from helpers import QUICK_YAML, free_port, two_image_batch
 
-from saltnet.config import load_yaml_config
+from saltnet.config.defaults import load_yaml_config
 
 # detectron2's launch uses NCCL (one process per GPU) whenever CUDA is available.
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU (gloo) processes only")

@@ -162,8 +162,8 @@ def test_train_commands_load_their_configs():
     from detectron2.config import LazyConfig
     from detectron2.engine import default_argument_parser
 
-    from saltnet.config import load_yaml_config
-    from saltnet.lazy_overrides import check_lazy_overrides
+    from saltnet.config.defaults import load_yaml_config
+    from saltnet.config.lazy_overrides import check_lazy_overrides
 
     loaded = 0
     for text in _all_text().values():
@@ -257,7 +257,7 @@ def test_checks_catch_rot(tmp_path):
         "# Page\n[ok](other.md#a-title-here) [anchor](other.md#gone) [file](nowhere.md)\n"
         "[self](#page) [web](https://example.com)\n"
         "```bash\nVAR=1 python tools/nope.py --flag x \\\n  --other=1 # comment\n"
-        "python -m saltnet.collect_env\n```\n"
+        "python -m saltnet.utils.collect_env\n```\n"
         "`configs/quick_schedule/salt_R_18_synthetic.{yaml,txt}`\n"
     )
     assert broken_links(doc) == ["other.md#gone", "nowhere.md"]
@@ -266,5 +266,5 @@ def test_checks_catch_rot(tmp_path):
     assert missing_paths(text) == missing
     assert python_invocations(text) == [
         ("tools/nope.py", ["--flag", "--other"]),
-        ("-m saltnet.collect_env", []),
+        ("-m saltnet.utils.collect_env", []),
     ]

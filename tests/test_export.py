@@ -10,7 +10,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from helpers import QUICK_YAML
 
-from saltnet.export import (
+from saltnet.export.exporter import (
     ExportedPredictor,
     check_export_request,
     decode_outputs,

@@ -5,9 +5,9 @@ import torch
 from detectron2.engine import HookBase
 from helpers import QUICK_YAML, TINY_OPTS
 
-from saltnet.config import load_yaml_config
+from saltnet.config.defaults import load_yaml_config
 from saltnet.data import register_datasets_from_cfg
-from saltnet.engine import SALTNetAMPTrainer, SALTNetTrainer
+from saltnet.engine.trainer import SALTNetAMPTrainer, SALTNetTrainer
 
 
 class _PoisonBoxBranch(HookBase):

@@ -4,8 +4,8 @@ import pytest
 from detectron2.config import LazyConfig
 from helpers import QUICK_PY, REPO_ROOT
 
-from saltnet.config_checks import UnknownConfigKeyError
-from saltnet.lazy_overrides import check_lazy_overrides
+from saltnet.config.checks import UnknownConfigKeyError
+from saltnet.config.lazy_overrides import check_lazy_overrides
 
 LAZY = str(REPO_ROOT / QUICK_PY)
 

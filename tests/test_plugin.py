@@ -17,7 +17,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from release_reference import _iou_and_giou
 
-from saltnet.config import constructor_defaults, get_saltnet_cfg
+from saltnet.config.defaults import constructor_defaults, get_saltnet_cfg
 from saltnet.modeling import SALTFCOS, SALTFCOSHead, SALTRetinaNet, SALTRetinaNetHead
 from saltnet.modeling.box_coding import aligned_giou
 

@@ -27,8 +27,8 @@ from release_reference import (
 )
 from test_backbone_conversion import randomize_bn_, timm_to_mmdet_res2net
 
-from saltnet.checkpoint import AtomicCheckpointer, CheckpointMismatchError
-from saltnet.config import load_yaml_config
+from saltnet.checkpoint.checkpointer import AtomicCheckpointer, CheckpointMismatchError
+from saltnet.config.defaults import load_yaml_config
 from saltnet.data.mapper import SALTNetDatasetMapper
 from saltnet.layers.batch_norm import FrozenStatsBatchNorm2d
 

@@ -10,13 +10,18 @@ from detectron2.engine import HookBase, hooks
 from detectron2.utils.env import seed_all_rng
 from helpers import LAZY_TINY_OVERRIDES, QUICK_PY, QUICK_YAML, TINY_OPTS
 
-from saltnet.checkpoint import AtomicCheckpointer
-from saltnet.config import load_yaml_config
-from saltnet.config_checks import ConfigError
+from saltnet.checkpoint.checkpointer import AtomicCheckpointer
+from saltnet.config.checks import ConfigError
+from saltnet.config.defaults import load_yaml_config
 from saltnet.data import register_datasets_from_cfg
 from saltnet.data.image_io import ImageReadError
 from saltnet.data.sampler import ResumableBatchSampler
-from saltnet.engine import SALTNetAMPTrainer, SALTNetSimpleTrainer, SALTNetTrainer, build_trainer
+from saltnet.engine.trainer import (
+    SALTNetAMPTrainer,
+    SALTNetSimpleTrainer,
+    SALTNetTrainer,
+    build_trainer,
+)
 
 
 def _batches(sampler, n):
@@ -143,7 +148,7 @@ def test_trainer_logs_the_unreadable_images_when_training_ends(synthetic_root, t
     file_name = dataset.dataset_dicts[2]["file_name"]
     dataset._record_unreadable(2, ImageReadError(file_name, "truncated"))  # as a worker does
     (hook,) = [h for h in trainer._hooks if isinstance(h, hooks.CallbackHook)]
-    with caplog.at_level(logging.WARNING, logger="saltnet.engine"):
+    with caplog.at_level(logging.WARNING, logger="saltnet.engine.trainer"):
         hook.after_train()
     assert f"1 unreadable training image(s) skipped 1 time(s) so far: {file_name}" in caplog.text
 

@@ -21,7 +21,7 @@ from detectron2.utils.events import EventStorage
 from helpers import QUICK_YAML, REPO_ROOT
 from torchvision.ops import deform_conv2d
 
-from saltnet.config import load_yaml_config
+from saltnet.config.defaults import load_yaml_config
 from saltnet.layers import DeformConv, ModulatedDeformConv
 from saltnet.layers import deform_conv as deform_conv_module
 

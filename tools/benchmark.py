@@ -26,7 +26,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from saltnet.config import load_yaml_config
+from saltnet.config.defaults import load_yaml_config
 
 REPO = Path(__file__).resolve().parents[1]
 

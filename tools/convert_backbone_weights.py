@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from saltnet.convert_backbone import (
+from saltnet.checkpoint.convert_backbone import (
     PREFIX,
     SOURCES,
     UnmappedKeysError,
@@ -47,7 +47,7 @@ def backbone_state_dict(config_file, opts, prefix):
     """``prefix`` + names -> tensors of the bottom-up network that ``config_file`` builds."""
     from detectron2.modeling import build_backbone
 
-    from saltnet.config import load_yaml_config
+    from saltnet.config.defaults import load_yaml_config
 
     bottom_up = build_backbone(load_yaml_config(config_file, opts)).bottom_up
     return {prefix + k: v for k, v in bottom_up.state_dict().items()}

@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from saltnet.convert import (
+from saltnet.checkpoint.convert_mmdet import (
     RELEASE_CHECKPOINT_AUTHOR,
     UnmappedKeysError,
     convert_mmdet_saltnet_state_dict,

@@ -25,12 +25,12 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_setup
 
-from saltnet.config import load_yaml_config
+from saltnet.config.defaults import load_yaml_config
 from saltnet.data import register_datasets_from_cfg
 from saltnet.data.image_io import read_image
-from saltnet.engine import SALTNetTrainer
-from saltnet.predictor import Predictor
-from saltnet.visualize import draw_predictions_and_gt
+from saltnet.engine.trainer import SALTNetTrainer
+from saltnet.export.predictor import Predictor
+from saltnet.utils.visualize import draw_predictions_and_gt
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 logger = logging.getLogger("detectron2")

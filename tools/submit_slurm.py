@@ -10,7 +10,7 @@ Needs submitit (``pip install -e .[cluster]``). Config and overrides are those o
 
 submitit asks SLURM for SIGUSR2 ``--signal-delay`` seconds before the time limit (SLURM also
 sends it on preemption with ``--signal``): every task finishes its iteration, the main process
-saves it (``saltnet.preemption.PreemptionHook``), then submitit requeues the job, which starts
+saves it (``saltnet.engine.PreemptionHook``), then submitit requeues the job, which starts
 again with ``--resume``. See docs/CLUSTERS.md.
 """
 
@@ -23,7 +23,7 @@ sys.path.insert(0, REPO_ROOT)  # for train_net
 
 from detectron2.engine import default_argument_parser  # noqa: E402
 
-from saltnet.launch import launch_from_args  # noqa: E402
+from saltnet.engine.launch import launch_from_args  # noqa: E402
 
 try:
     import submitit
@@ -33,7 +33,8 @@ except ImportError:  # checked in main(), so that the job class can be imported 
 
 class TrainJob:
     """What each task of the job runs: ``train_net.py``'s ``main`` in the job's process group
-    (``saltnet.launch`` reads srun's variables). ``checkpoint()`` is submitit's requeue hook."""
+    (``saltnet.engine.launch`` reads srun's variables). ``checkpoint()`` is submitit's requeue
+    hook."""
 
     def __init__(self, args):
         self.args = args

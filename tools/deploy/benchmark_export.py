@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from detectron2.modeling import build_model
 
-from saltnet.checkpoint import AtomicCheckpointer
-from saltnet.export import (
+from saltnet.checkpoint.checkpointer import AtomicCheckpointer
+from saltnet.export.exporter import (
     ExportedPredictor,
     export_model,
     load_export_config,

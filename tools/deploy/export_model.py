@@ -20,9 +20,9 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
-from saltnet.checkpoint import AtomicCheckpointer
+from saltnet.checkpoint.checkpointer import AtomicCheckpointer
 from saltnet.data.image_io import read_image
-from saltnet.export import (
+from saltnet.export.exporter import (
     MIN_DEFORM_CONV_OPSET,
     ExportedPredictor,
     check_export_request,

@@ -5,7 +5,7 @@
     python tools/device/check.py --out "$OUT"                 # all steps
     python tools/device/check.py --out /tmp/c --tiny --steps environment train_step
 
-Steps: environment (nvidia-smi, versions, imports, saltnet.collect_env), cuda_tests (pytest -m
+Steps: environment (nvidia-smi, versions, imports, saltnet.utils.collect_env), cuda_tests (pytest -m
 cuda), train_step (tools/device/train_step.py), train_net (the quick config with AMP: training,
 evaluation, --resume), deform_speed (tools/benchmark_deform.py), model_speed
 (tools/device/speed.py, once per deformable-conv backend). Without CUDA, ``--tiny`` is on: the
@@ -128,7 +128,7 @@ def environment(ctx, result, timeout):
     versions = json.loads(run(ctx, result, _python("-c", VERSIONS), timeout / 2).splitlines()[-1])
     result.figures.update(versions, platform=platform.platform(), tiny=ctx.tiny)
     failed = [k for k, v in versions.items() if str(v).startswith("IMPORT FAILED")]
-    result.tables["collect_env"] = run(ctx, result, _python("-m", "saltnet.collect_env"),
+    result.tables["collect_env"] = run(ctx, result, _python("-m", "saltnet.utils.collect_env"),
                                        timeout / 2)
     if failed and result.status == "pass":
         result.status = f"fail: cannot import {', '.join(failed)}"

@@ -26,8 +26,8 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from saltnet.config import load_yaml_config
-from saltnet.config_checks import AMP_PRECISIONS
+from saltnet.config.checks import AMP_PRECISIONS
+from saltnet.config.defaults import load_yaml_config
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))

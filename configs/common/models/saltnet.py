@@ -4,7 +4,7 @@ from detectron2.config import LazyCall as L
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import FPN, BasicStem, ResNet
 
-from saltnet.config import constructor_defaults
+from saltnet.config.defaults import constructor_defaults
 from saltnet.layers.batch_norm import resolve_norm
 from saltnet.modeling import SALTHead, SALTNet
 from saltnet.modeling.backbone import P6P7FromP5

@@ -190,7 +190,7 @@ class Bottle2neckBlock(CNNBlockBase):
 
 @BACKBONE_REGISTRY.register()
 def build_saltnet_res2net_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
-    """Res2Net v1d from ``MODEL.RES2NET`` (see :func:`saltnet.config.add_res2net_config`).
+    """Res2Net v1d from ``MODEL.RES2NET`` (see :func:`saltnet.config.defaults.add_res2net_config`).
 
     Outputs ``MODEL.RES2NET.OUT_FEATURES`` among res2-res5 (strides 4-32, 256-2048 channels);
     ``MODEL.BACKBONE.FREEZE_AT`` freezes the stem (1) and the first stages (2 = stem + res2);

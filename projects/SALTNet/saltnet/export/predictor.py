@@ -16,8 +16,8 @@ from detectron2.data import transforms as T
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
-from .checkpoint import AtomicCheckpointer
-from .data.transforms import with_resize_backend
+from ..checkpoint.checkpointer import AtomicCheckpointer
+from ..data.transforms import with_resize_backend
 
 __all__ = ["Predictor"]
 

@@ -30,9 +30,9 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Instances
 from torch import Tensor, nn
 
-from .config import load_yaml_config
-from .data.transforms import with_resize_backend
-from .modeling.head import HeadOutputs
+from ..config.defaults import load_yaml_config
+from ..data.transforms import with_resize_backend
+from ..modeling.head import HeadOutputs
 
 __all__ = [
     "EXPORT_FORMATS",

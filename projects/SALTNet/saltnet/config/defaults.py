@@ -12,9 +12,9 @@ from detectron2.config import CfgNode
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
-from .config_checks import check_config, merge_config
-from .data.register import add_dataset_config
-from .modeling import SALTHead, SALTNet, SALTRetinaNet, SALTRetinaNetHead
+from ..data.register import add_dataset_config
+from ..modeling import SALTHead, SALTNet, SALTRetinaNet, SALTRetinaNetHead
+from .checks import check_config, merge_config
 
 __all__ = [
     "add_res2net_config",

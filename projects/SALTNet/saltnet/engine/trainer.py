@@ -17,10 +17,10 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter
 
-from .checkpoint import AtomicCheckpointer
-from .config_checks import amp_precision
-from .data.loader import SeededMapDataset, build_saltnet_test_loader, build_saltnet_train_loader
-from .data.sampler import ResumableBatchSampler
+from ..checkpoint.checkpointer import AtomicCheckpointer
+from ..config.checks import amp_precision
+from ..data.loader import SeededMapDataset, build_saltnet_test_loader, build_saltnet_train_loader
+from ..data.sampler import ResumableBatchSampler
 
 __all__ = [
     "SALTNetAMPTrainer",

@@ -15,7 +15,7 @@ from typing import Iterator, List, Sequence
 from detectron2.utils.registry import locate
 from omegaconf import DictConfig, OmegaConf
 
-from .config_checks import UnknownConfigKeyError
+from .checks import UnknownConfigKeyError
 
 __all__ = ["check_lazy_overrides"]
 

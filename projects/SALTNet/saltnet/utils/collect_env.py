@@ -1,5 +1,5 @@
 """Environment report: detectron2's own, plus where detectron2 came from and which
-deformable-conv backend SALT-Net uses. Run ``python -m saltnet.collect_env``."""
+deformable-conv backend SALT-Net uses. Run ``python -m saltnet.utils.collect_env``."""
 
 import os
 from importlib import metadata
@@ -7,8 +7,8 @@ from importlib import metadata
 from detectron2.utils.collect_env import collect_env_info
 from tabulate import tabulate
 
-from .layers import available_backends
-from .layers.deform_conv import detectron2_ops_available
+from ..layers import available_backends
+from ..layers.deform_conv import detectron2_ops_available
 
 
 def detectron2_origin() -> str:

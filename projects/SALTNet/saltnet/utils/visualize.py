@@ -1,7 +1,7 @@
 """Visualisation of SALT-Net: detections, ground truth, and SALT's two point sets.
 
 The point sets are the model's own output: built with ``output_point_sets`` (see
-:class:`~saltnet.predictor.Predictor` and :class:`~saltnet.modeling.point_sets.PointSetOutputs`:
+:class:`~saltnet.export.Predictor` and :class:`~saltnet.modeling.point_sets.PointSetOutputs`:
 SALT-Net and the SALT plug-ins on RetinaNet / FCOS), every detection carries the nine
 regression (``pred_reg_points``) and nine classification (``pred_cls_points``) sampling points
 of the location it was decoded from, in the input image's pixels.
@@ -16,8 +16,8 @@ from detectron2.structures import Instances
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, VisImage, Visualizer
 
-from .modeling.point_sets import POINT_SET_FIELDS
-from .predictor import Predictor
+from ..export.predictor import Predictor
+from ..modeling.point_sets import POINT_SET_FIELDS
 
 __all__ = [
     "REG_POINT_COLOR",

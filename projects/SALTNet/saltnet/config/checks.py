@@ -17,8 +17,8 @@ from detectron2.config import CfgNode
 from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
 from detectron2.utils.file_io import PathManager
 
-from . import modeling  # noqa: F401  (registers SALT-Net's meta-architecture and backbones)
-from .data.loader import num_classes_of
+from .. import modeling  # noqa: F401  (registers SALT-Net's meta-architecture and backbones)
+from ..data.loader import num_classes_of
 
 __all__ = [
     "AMP_PRECISIONS",

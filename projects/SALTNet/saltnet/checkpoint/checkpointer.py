@@ -22,7 +22,7 @@ import os
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from .convert import RELEASE_CHECKPOINT_AUTHOR
+from .convert_mmdet import RELEASE_CHECKPOINT_AUTHOR
 
 __all__ = ["AtomicCheckpointer", "CheckpointMismatchError", "LossNormalizerState"]
 
