@@ -86,7 +86,8 @@ def main(argv=None):
         name=args.job_name,
         nodes=args.nodes,
         gpus_per_node=args.gpus_per_node,
-        tasks_per_node=args.num_gpus,
+        # Slurm's srun starts one task per GPU; elsewhere (local, debug) the one task spawns them.
+        tasks_per_node=args.num_gpus if executor.cluster == "slurm" else 1,
         cpus_per_task=args.cpus_per_task,
         timeout_min=args.time,
         slurm_signal_delay_s=args.signal_delay,

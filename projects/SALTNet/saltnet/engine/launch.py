@@ -23,7 +23,7 @@ from typing import List, Mapping, Optional
 
 import torch
 import torch.distributed as dist
-from detectron2.engine import launch
+from detectron2.engine import default_argument_parser, launch
 from detectron2.engine.launch import DEFAULT_TIMEOUT
 from detectron2.utils import comm
 from torch.multiprocessing import ProcessExitedException
@@ -43,8 +43,6 @@ logger = logging.getLogger(__name__)
 
 # The variables of PyTorch's env:// rendezvous (torchrun sets them all).
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-# srun sets these in every task of a job step; SLURM_STEP_ID tells a step from the batch script.
-SLURM_VARS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST")
 
 
 @dataclass(frozen=True)
@@ -131,51 +129,85 @@ def _from_env_vars(environ: Mapping[str, str]) -> DistEnv:
     return _check_consistent(env, names)
 
 
+def _first(environ: Mapping[str, str], *names: str) -> Optional[str]:
+    """The first of ``names`` set in ``environ`` (None: none is)."""
+    return next((name for name in names if name in environ), None)
+
+
 def _slurm_tasks_per_node(environ: Mapping[str, str]) -> int:
-    """The tasks on each node, from ``SLURM_NTASKS_PER_NODE`` or ``SLURM_TASKS_PER_NODE``
-    (``"4(x2)"``); raise when the nodes run different numbers of tasks."""
-    if "SLURM_NTASKS_PER_NODE" in environ:
-        return _int_var(environ, "SLURM_NTASKS_PER_NODE", 1)
-    value = environ.get("SLURM_TASKS_PER_NODE")
-    if value is None:
+    """The step's tasks on each node, from ``SLURM_STEP_TASKS_PER_NODE`` (``"4(x2)"``; the job's
+    ``SLURM_NTASKS_PER_NODE`` / ``SLURM_TASKS_PER_NODE`` where a Slurm sets none); raise when the
+    nodes run different numbers of tasks."""
+    name = _first(environ, "SLURM_STEP_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE",
+                  "SLURM_TASKS_PER_NODE")  # fmt: skip
+    if name is None:
         raise ValueError(
-            "Incomplete SLURM environment: neither SLURM_NTASKS_PER_NODE nor "
-            "SLURM_TASKS_PER_NODE is set."
+            "Incomplete SLURM environment: none of SLURM_STEP_TASKS_PER_NODE, "
+            "SLURM_NTASKS_PER_NODE, SLURM_TASKS_PER_NODE is set."
         )
+    value = environ[name]
     counts = {m.group(1) for m in re.finditer(r"(\d+)(?:\(x\d+\))?(?:,|$)", value)}
     if len(counts) != 1 or not re.fullmatch(r"\d+(\(x\d+\))?(,\d+(\(x\d+\))?)*", value):
         raise ValueError(
-            f"SLURM_TASKS_PER_NODE={value!r}: detectron2 needs the same number of tasks on every "
-            "node (e.g. sbatch --ntasks-per-node)."
+            f"{name}={value!r}: detectron2 needs the same number of tasks on every node (e.g. "
+            "sbatch --ntasks-per-node)."
         )
     return int(counts.pop())
 
 
+# Ports for the master of a Slurm step: below Linux's ephemeral range (32768-60999), where the
+# kernel hands out no client ports. Eight per job, one per step id modulo 8.
+SLURM_PORT_BASE, SLURM_PORT_COUNT, SLURM_PORTS_PER_JOB = 20000, 12768, 8
+
+
 def _slurm_port(environ: Mapping[str, str]) -> tuple:
-    """``(port, variable)``: ``MASTER_PORT`` if set, else one derived from ``SLURM_JOB_ID`` (the
-    same on every node of a job, different for jobs running side by side)."""
+    """``(port, variable)``: ``MASTER_PORT`` if set, else one derived from ``SLURM_JOB_ID`` and
+    ``SLURM_STEP_ID``: the same in every task of a step; different for two steps of a job running
+    side by side (up to 8) and for jobs less than 1596 ids apart."""
     if "MASTER_PORT" in environ:
         return _int_var(environ, "MASTER_PORT", 1), "MASTER_PORT"
     if "SLURM_JOB_ID" not in environ:
         raise ValueError("Incomplete SLURM environment: set MASTER_PORT or SLURM_JOB_ID.")
-    return 20000 + _int_var(environ, "SLURM_JOB_ID") % 20000, "SLURM_JOB_ID (MASTER_PORT unset)"
+    job = _int_var(environ, "SLURM_JOB_ID")
+    step = int(environ["SLURM_STEP_ID"]) if environ.get("SLURM_STEP_ID", "").isdigit() else 0
+    slot = (job * SLURM_PORTS_PER_JOB + step % SLURM_PORTS_PER_JOB) % SLURM_PORT_COUNT
+    return SLURM_PORT_BASE + slot, "SLURM_JOB_ID/SLURM_STEP_ID (MASTER_PORT unset)"
+
+
+def _check_block_placement(environ: Mapping[str, str], env: DistEnv) -> None:
+    """detectron2 builds each machine's local group from consecutive ranks: refuse a step whose
+    tasks are placed otherwise (``srun --distribution=cyclic``), where the local rank of DDP's
+    device would disagree with ``SLURM_LOCALID``."""
+    distribution = environ.get("SLURM_DISTRIBUTION", "block").split(":")[0]
+    several_per_node = 1 < env.local_world_size < env.world_size  # else every order is a block
+    blocks = distribution in ("block", "") or not several_per_node
+    if not blocks or env.rank % env.local_world_size != env.local_rank:
+        raise ValueError(
+            f"SLURM_DISTRIBUTION={environ.get('SLURM_DISTRIBUTION', '(unset)')}, "
+            f"SLURM_PROCID={env.rank}, SLURM_LOCALID={env.local_rank}: the tasks are not placed "
+            "in blocks of consecutive ranks per node, which detectron2's local process groups "
+            "need. Start the step with srun --distribution=block."
+        )
 
 
 def _from_slurm_vars(environ: Mapping[str, str]) -> DistEnv:
-    environ = dict(environ)
-    if "SLURM_JOB_NODELIST" not in environ and "SLURM_NODELIST" in environ:
-        environ["SLURM_JOB_NODELIST"] = environ["SLURM_NODELIST"]  # the older name
-    missing = [name for name in SLURM_VARS if name not in environ]
+    """The step's process group: its size, layout and first host, never the job's (a step may
+    run on part of the job's nodes)."""
+    world_var = _first(environ, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS") or "SLURM_NTASKS"
+    nodes_var = _first(environ, "SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+    missing = [name for name in ("SLURM_PROCID", "SLURM_LOCALID", world_var) if name not in environ]
+    if nodes_var is None:
+        missing.append("SLURM_STEP_NODELIST")
     if missing:
         raise ValueError(f"Incomplete SLURM environment: {', '.join(missing)} missing.")
     if "MASTER_ADDR" in environ:
         addr = environ["MASTER_ADDR"]
     else:
-        addr = slurm_hostnames(environ["SLURM_JOB_NODELIST"], "SLURM_JOB_NODELIST")[0]
+        addr = slurm_hostnames(environ[nodes_var], nodes_var)[0]
     port, port_var = _slurm_port(environ)
     env = DistEnv(
         rank=_int_var(environ, "SLURM_PROCID"),
-        world_size=_int_var(environ, "SLURM_NTASKS", 1),
+        world_size=_int_var(environ, world_var, 1),
         local_rank=_int_var(environ, "SLURM_LOCALID"),
         local_world_size=_slurm_tasks_per_node(environ),
         master_addr=addr,
@@ -186,26 +218,40 @@ def _from_slurm_vars(environ: Mapping[str, str]) -> DistEnv:
     )
     names = {
         "rank": "SLURM_PROCID",
-        "world_size": "SLURM_NTASKS",
+        "world_size": world_var,
         "local_rank": "SLURM_LOCALID",
-        "local_world_size": "SLURM_NTASKS_PER_NODE",
+        "local_world_size": "SLURM_STEP_TASKS_PER_NODE",
     }
-    return _check_consistent(env, names)
+    _check_consistent(env, names)
+    _check_block_placement(environ, env)
+    return env
+
+
+def _interactive_slurm_shell(environ: Mapping[str, str]) -> bool:
+    """A command typed into ``srun --pty``'s shell: its terminal is the step's pty. (The tasks of
+    a step never read a terminal; ``SLURM_PTY_PORT`` alone is inherited by steps started there.)"""
+    return "SLURM_PTY_PORT" in environ and os.isatty(0)
 
 
 def distributed_env(environ: Optional[Mapping[str, str]] = None) -> Optional[DistEnv]:
     """The process group the environment (default ``os.environ``) describes, or None.
 
     ``RANK`` or ``WORLD_SIZE`` set: the env:// variables (:data:`ENV_VARS`, all required).
-    Otherwise a SLURM job step (``srun``: ``SLURM_STEP_ID``) of more than one task: rank, world
-    size and local rank from ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``; the master is
-    the first host of ``SLURM_JOB_NODELIST`` (or ``MASTER_ADDR``). Raises ValueError naming the
-    variable for an incomplete or contradictory environment.
+    Otherwise a SLURM job step (``srun``: ``SLURM_STEP_ID``) of more than one task
+    (``SLURM_STEP_NUM_TASKS``; the job's ``SLURM_NTASKS`` counts tasks a shell in an interactive
+    allocation is not one of), unless the process runs in ``srun --pty``'s interactive shell:
+    rank, world size and local rank from ``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS``,
+    ``SLURM_LOCALID``; the master is the first host of ``SLURM_STEP_NODELIST`` (or
+    ``MASTER_ADDR``). Raises ValueError naming the variable for an incomplete or contradictory
+    environment, or for tasks not placed in blocks.
     """
     environ = os.environ if environ is None else environ
     if "RANK" in environ or "WORLD_SIZE" in environ:
         return _from_env_vars(environ)
-    if "SLURM_STEP_ID" in environ and int(environ.get("SLURM_NTASKS", "1") or 1) > 1:
+    tasks_var = _first(environ, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS")
+    if "SLURM_STEP_ID" not in environ or tasks_var is None or _interactive_slurm_shell(environ):
+        return None
+    if _int_var(environ, tasks_var, 1) > 1:
         return _from_slurm_vars(environ)
     return None
 
@@ -247,18 +293,17 @@ def parse_slurm_nodelist(nodelist: str, var: str = "SLURM_JOB_NODELIST") -> List
 
 
 def slurm_hostnames(nodelist: str, var: str = "SLURM_JOB_NODELIST") -> List[str]:
-    """The hosts of a SLURM host list: ``scontrol show hostnames`` where SLURM is installed,
-    else :func:`parse_slurm_nodelist`."""
+    """The hosts of a SLURM host list: ``scontrol show hostnames`` where it works, else
+    :func:`parse_slurm_nodelist` (also where Slurm's client is installed but finds no
+    configuration, e.g. a workstation)."""
     scontrol = shutil.which("scontrol")
-    if scontrol is None:
-        return parse_slurm_nodelist(nodelist, var)
-    proc = subprocess.run(
-        [scontrol, "show", "hostnames", nodelist], capture_output=True, text=True, check=False
-    )
-    hosts = proc.stdout.split()
-    if proc.returncode or not hosts:
-        raise ValueError(f"{var}={nodelist!r}: scontrol cannot parse it ({proc.stderr.strip()}).")
-    return hosts
+    if scontrol is not None:
+        proc = subprocess.run(
+            [scontrol, "show", "hostnames", nodelist], capture_output=True, text=True, check=False
+        )
+        if proc.returncode == 0 and proc.stdout.split():
+            return proc.stdout.split()
+    return parse_slurm_nodelist(nodelist, var)
 
 
 def _address_in_use(error: BaseException) -> bool:
@@ -266,18 +311,29 @@ def _address_in_use(error: BaseException) -> bool:
     return "address already in use" in text or f"errno: {errno.EADDRINUSE}" in text
 
 
+def cuda_device(local_rank: int, local_world_size: int, device_count: int) -> int:
+    """The CUDA device of a worker: its local rank where the machine's workers share the
+    devices; device 0 where each worker sees only its own (``srun --gpus-per-task=1``,
+    ``--gpu-bind=single:1``). Raises ValueError where the workers outnumber the devices."""
+    if local_rank < device_count:
+        return local_rank
+    if device_count == 1:
+        return 0
+    raise ValueError(
+        f"Local rank {local_rank} of {local_world_size} workers, but {device_count} GPUs are "
+        "visible: start at most one worker per GPU on each machine (or give each one GPU)."
+    )
+
+
 def init_distributed(env: DistEnv, timeout=DEFAULT_TIMEOUT) -> None:
     """Join the process group of ``env`` (NCCL with CUDA, gloo without) and set up the worker as
-    detectron2's ``launch`` does: the CUDA device of ``env.local_rank``, comm's local process
+    detectron2's ``launch`` does: its CUDA device (:func:`cuda_device`), comm's local process
     group, a first synchronize."""
     has_gpu = torch.cuda.is_available()
-    if has_gpu and env.local_rank >= torch.cuda.device_count():
-        raise ValueError(
-            f"Local rank {env.local_rank} ({env.source}) but only {torch.cuda.device_count()} "
-            "GPUs are visible: start at most one worker per GPU on each machine."
+    if has_gpu:  # before NCCL's init, so it uses this device
+        torch.cuda.set_device(
+            cuda_device(env.local_rank, env.local_world_size, torch.cuda.device_count())
         )
-    if has_gpu:
-        torch.cuda.set_device(env.local_rank)  # before NCCL's init, so it uses this device
     try:
         dist.init_process_group(
             backend="NCCL" if has_gpu else "GLOO",
@@ -303,6 +359,14 @@ def _forward_to_workers(signum, frame):
         os.kill(worker.pid, signum)
 
 
+def _single_machine_dist_url(args) -> str:
+    """``args.dist_url``, or ``"auto"`` (detectron2's launch picks a free port) for a run on one
+    machine left at detectron2's default URL, whose port is fixed per user: a second run on the
+    machine would collide with the first."""
+    default = default_argument_parser().get_default("dist_url")
+    return "auto" if args.num_machines == 1 and args.dist_url == default else args.dist_url
+
+
 def _spawn(main_func, args) -> None:
     """detectron2's ``launch``; the parent passes preemption signals on to the workers it
     spawned, and exits with their :data:`PREEMPTED_EXIT_CODE`."""
@@ -315,7 +379,7 @@ def _spawn(main_func, args) -> None:
             args.num_gpus,
             num_machines=args.num_machines,
             machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
+            dist_url=_single_machine_dist_url(args),
             args=(args,),
         )
     except ProcessExitedException as e:
@@ -327,33 +391,81 @@ def _spawn(main_func, args) -> None:
             signal.signal(signum, handler)
 
 
+def requeue_slurm_job(environ: Mapping[str, str]) -> bool:
+    """Requeue the Slurm batch job this process runs in (``scontrol requeue``) if it is still
+    RUNNING: stopped by a warning signal (``--signal``), submitit's, or preemption within a
+    ``GraceTime``. Slurm requeues a job it preempts with ``PreemptMode=REQUEUE`` by itself, and
+    one that is cancelled or at its time limit (COMPLETING by then) is left to end. Returns
+    whether the job was requeued."""
+    job = environ.get("SLURM_JOB_ID")
+    scontrol = shutil.which("scontrol")
+    if job is None or scontrol is None:
+        return False
+    show = subprocess.run(
+        [scontrol, "-o", "show", "job", job], capture_output=True, text=True, check=False
+    )
+    state = re.search(r"\bJobState=(\S+)", show.stdout)
+    if state is None or state.group(1) != "RUNNING":
+        logger.info(f"Slurm job {job} is {state and state.group(1)}: not requeued by the run.")
+        return False
+    proc = subprocess.run(
+        [scontrol, "requeue", job], capture_output=True, text=True, check=False
+    )
+    if proc.returncode:
+        logger.warning(f"scontrol requeue {job} failed: {proc.stderr.strip()}")
+        return False
+    logger.warning(f"Requeued Slurm job {job}: it continues from the checkpoint (--resume).")
+    return True
+
+
+def _restarted(environ: Mapping[str, str]) -> Optional[str]:
+    """The variable saying this is a restart of the run (a torchrun worker group restarted, a
+    Slurm job requeued), or None."""
+    for name in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"):
+        if environ.get(name, "0").isdigit() and int(environ.get(name, "0")) > 0:
+            return name
+    return None
+
+
 def launch_from_args(main_func, args, environ: Optional[Mapping[str, str]] = None) -> None:
     """Run ``main_func(args)`` for ``train_net.py``'s arguments: in the process group of the
     environment (:func:`distributed_env`) if there is one, else through detectron2's ``launch``
-    (``--num-gpus``, ``--num-machines``, ``--machine-rank``, ``--dist-url``).
+    (``--num-gpus``, ``--num-machines``, ``--machine-rank``, ``--dist-url``; ``"auto"`` for
+    detectron2's default on one machine).
 
-    A restarted torchrun worker group (``TORCHELASTIC_RESTART_COUNT`` > 0) sets ``args.resume``:
-    it continues from the last checkpoint. Raises ValueError when ``--num-gpus`` or
-    ``--num-machines`` contradicts the environment.
+    A restarted torchrun worker group (``TORCHELASTIC_RESTART_COUNT`` > 0) or a requeued Slurm
+    job (``SLURM_RESTART_COUNT`` > 0) sets ``args.resume``: it continues from the last
+    checkpoint. A run stopped by a preemption signal (:data:`PREEMPTED_EXIT_CODE`) inside a
+    Slurm job requeues the job from its rank 0 (:func:`requeue_slurm_job`). Raises ValueError
+    when ``--num-gpus`` or ``--num-machines`` contradicts the environment.
     """
     environ = os.environ if environ is None else environ
     env = distributed_env(environ)
-    if env is None:
-        _spawn(main_func, args)
-        return
-    if args.num_gpus not in (1, env.local_world_size):  # 1: the default, i.e. not given
-        raise ValueError(
-            f"--num-gpus {args.num_gpus} contradicts the environment ({env.source}: "
-            f"{env.local_world_size} workers per machine). The launcher starts the workers: "
-            "drop --num-gpus (or make it match)."
-        )
-    if args.num_machines not in (1, env.num_machines):
-        raise ValueError(
-            f"--num-machines {args.num_machines} contradicts the environment ({env.source}: "
-            f"{env.num_machines} machines). Drop --num-machines (or make it match)."
-        )
-    if int(environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0 and not args.resume:
+    restarted = _restarted(environ)
+    if restarted and not args.resume:
         args.resume = True
-        logger.warning("Restarted worker group: resuming from the last checkpoint (--resume).")
-    init_distributed(env)
-    main_func(args)
+        logger.warning(f"{restarted} > 0: resuming from the last checkpoint (--resume).")
+    if env is not None:
+        if args.num_gpus not in (1, env.local_world_size):  # 1: the default, i.e. not given
+            raise ValueError(
+                f"--num-gpus {args.num_gpus} contradicts the environment ({env.source}: "
+                f"{env.local_world_size} workers per machine). The launcher starts the "
+                "workers: drop --num-gpus (or make it match)."
+            )
+        if args.num_machines not in (1, env.num_machines):
+            raise ValueError(
+                f"--num-machines {args.num_machines} contradicts the environment "
+                f"({env.source}: {env.num_machines} machines). Drop --num-machines (or make it "
+                "match)."
+            )
+    try:
+        if env is None:
+            _spawn(main_func, args)
+        else:
+            init_distributed(env)
+            main_func(args)
+    except SystemExit as e:
+        rank = 0 if env is None else env.rank
+        if e.code == PREEMPTED_EXIT_CODE and rank == 0 and "SLURM_JOB_ID" in environ:
+            requeue_slurm_job(environ)
+        raise

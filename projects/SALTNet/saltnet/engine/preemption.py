@@ -8,13 +8,19 @@ through the trainer's checkpointer (atomic with :class:`~saltnet.checkpoint.Atom
 continues from that checkpoint exactly as from a periodic one.
 
 A handler that was installed before the hook's (e.g. submitit's requeue on SIGUSR2) is called
-after the checkpoint is written.
+after the checkpoint is written, for every signal any rank received (submitit sends SIGUSR2 and
+SIGTERM: both handlers run).
+
+Processes forked while the hook is active (DataLoader workers) block these signals: Slurm
+signals every process of a job step, and PyTorch's workers die of SIGTERM, which would end the
+run with an error before its checkpoint. The main process ends its workers itself.
 """
 
 import logging
+import os
 import signal
 import threading
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -31,6 +37,16 @@ PREEMPTED_EXIT_CODE = 75
 # time limit; submitit asks for SIGUSR2.
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
+_active_hooks = 0  # PreemptionHooks between before_train and after_train in this process
+
+
+def _shield_forked_child() -> None:
+    if _active_hooks:
+        signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+
+
+os.register_at_fork(after_in_child=_shield_forked_child)
+
 
 class PreemptionHook(HookBase):
     """Checkpoint and exit after the iteration during which a signal of ``signals`` arrived.
@@ -45,47 +61,62 @@ class PreemptionHook(HookBase):
         ``last_checkpoint``)."""
         self.checkpointer = checkpointer
         self.signals = tuple(signals)
-        self._received = 0  # the last signal number received, 0 for none
+        self._received = set()  # the signal numbers received
         self._previous = {}
 
     def _handle(self, signum, frame):
-        self._received = signum
+        self._received.add(signum)
 
     def before_train(self):
+        global _active_hooks
         if threading.current_thread() is not threading.main_thread():
             logger.warning("Not in the main thread: training will not stop gracefully on signals.")
             return
         for signum in self.signals:
             self._previous[signum] = signal.signal(signum, self._handle)
+        _active_hooks += 1
 
     def after_train(self):
+        global _active_hooks
+        if self._previous:
+            _active_hooks -= 1
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
 
-    def _agreed_signal(self) -> int:
-        """The largest signal number any rank received (0: none), the same on every rank."""
-        if comm.get_world_size() == 1:
-            return self._received
-        on_cuda = dist.get_backend() == dist.Backend.NCCL
-        flag = torch.tensor(
-            [self._received], device=torch.cuda.current_device() if on_cuda else "cpu"
-        )
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
+    def _agreed_signals(self) -> List[int]:
+        """The signals any rank received (empty: none), the same list on every rank."""
+        flags = [int(signum in self._received) for signum in self.signals]
+        if comm.get_world_size() > 1:
+            on_cuda = dist.get_backend() == dist.Backend.NCCL
+            tensor = torch.tensor(flags, device=torch.cuda.current_device() if on_cuda else "cpu")
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+            flags = tensor.tolist()
+        return [signum for signum, flag in zip(self.signals, flags) if flag]
+
+    def _save(self, iteration: int) -> None:
+        """Save ``model_<iteration>``, unless a periodic checkpoint of this iteration is the
+        last one already."""
+        name = f"model_{iteration:07d}"  # the same name and content as PeriodicCheckpointer's
+        last = self.checkpointer.get_checkpoint_file() if self.checkpointer.has_checkpoint() else ""
+        if os.path.basename(last) != f"{name}.pth":
+            self.checkpointer.save(name, iteration=iteration)
 
     def after_step(self):
-        signum = self._agreed_signal()
-        if not signum:
+        received = self._agreed_signals()
+        if not received:
             return
         iteration = self.trainer.iter
-        name = signal.Signals(signum).name
-        logger.warning(f"{name} received: stopping after iteration {iteration}.")
+        names = "+".join(signal.Signals(signum).name for signum in received)
+        logger.warning(f"{names} received: stopping after iteration {iteration}.")
         if comm.is_main_process():
-            # The same name and content as PeriodicCheckpointer's files.
-            self.checkpointer.save(f"model_{iteration:07d}", iteration=iteration)
+            self._save(iteration)
         comm.synchronize()  # no rank exits before the checkpoint is on disk
-        previous: Optional[object] = self._previous.get(signum)
-        if callable(previous):  # e.g. submitit's requeue; it may exit itself
-            previous(signum, None)
+        for signum in received:
+            previous: Optional[object] = self._previous.get(signum)
+            if callable(previous):  # e.g. submitit's requeue
+                try:
+                    previous(signum, None)
+                except SystemExit:  # submitit's exits with 255 after requeueing
+                    pass
         raise SystemExit(PREEMPTED_EXIT_CODE)

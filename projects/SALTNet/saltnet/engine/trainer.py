@@ -34,11 +34,11 @@ __all__ = [
 
 
 def ddp_device_ids(model: torch.nn.Module) -> Optional[list]:
-    """``device_ids`` for DistributedDataParallel: this process's GPU for a CUDA model, None for
-    a CPU model (DDP rejects device ids there; detectron2's ``create_ddp_model`` always passes
-    them)."""
+    """``device_ids`` for DistributedDataParallel: this process's GPU (the current device, which
+    is the local rank unless each worker sees one GPU only) for a CUDA model, None for a CPU
+    model (DDP rejects device ids there; detectron2's ``create_ddp_model`` always passes them)."""
     on_cuda = next(model.parameters()).device.type == "cuda"
-    return [comm.get_local_rank()] if on_cuda else None
+    return [torch.cuda.current_device()] if on_cuda else None
 
 
 @contextlib.contextmanager
