@@ -3,6 +3,7 @@ stop a run with a checkpoint of the current iteration that --resume continues ex
 
 import datetime
 import logging
+import multiprocessing
 import os
 import re
 import signal
@@ -30,10 +31,12 @@ from helpers import (
 
 from saltnet.checkpoint.checkpointer import AtomicCheckpointer
 from saltnet.engine.launch import (
+    cuda_device,
     distributed_env,
     init_distributed,
     launch_from_args,
     parse_slurm_nodelist,
+    slurm_hostnames,
 )
 from saltnet.engine.preemption import PREEMPTED_EXIT_CODE, PreemptionHook
 from saltnet.engine.trainer import MetricPrinter
@@ -107,7 +110,7 @@ def test_torchrun_environment_is_read():
 def test_slurm_environment_is_read_with_the_first_host_as_master():
     env = distributed_env(SLURM_ENV)
     assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (3, 4, 1, 2)
-    assert env.init_method == f"tcp://gpu07:{20000 + 4242}"
+    assert env.init_method == f"tcp://gpu07:{distributed_env(SLURM_ENV).master_port}"
     assert distributed_env(dict(SLURM_ENV, MASTER_PORT="1234")).master_port == 1234
     # The batch script itself (no job step) and a one-task step spawn with --num-gpus.
     batch_script = {k: v for k, v in SLURM_ENV.items() if k != "SLURM_STEP_ID"}
@@ -139,6 +142,79 @@ def test_num_gpus_contradicting_the_environment_is_an_error():
     args = default_argument_parser().parse_args(["--num-machines", "3"])
     with pytest.raises(ValueError, match="--num-machines 3 contradicts"):
         launch_from_args(print, args, environ=TORCHRUN_ENV)
+
+
+# What srun sets in a task (read from a real Slurm 22.05): here a step of 2 tasks on the second
+# node of a job of 4 tasks on 2 nodes.
+STEP_ENV = {
+    **SLURM_ENV,
+    "SLURM_PROCID": "1",
+    "SLURM_STEP_NUM_TASKS": "2",
+    "SLURM_STEP_TASKS_PER_NODE": "2",
+    "SLURM_STEP_NODELIST": "gpu08",
+    "SLURM_NTASKS_PER_NODE": "2",
+}
+
+
+def test_slurm_step_layout_and_master_come_from_the_step_not_the_job():
+    env = distributed_env(STEP_ENV)
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (1, 2, 1, 2)
+    assert env.master_addr == "gpu08"
+
+
+def test_shell_of_an_interactive_allocation_is_not_a_rank():
+    # salloc's interactive step in an allocation of 8 tasks per node: one task, SLURM_NTASKS=8.
+    shell = dict(SLURM_ENV, SLURM_NTASKS="8", SLURM_NTASKS_PER_NODE="8", SLURM_PROCID="0")
+    shell.update(SLURM_LOCALID="0", SLURM_STEP_NUM_TASKS="1", SLURM_STEP_TASKS_PER_NODE="1")
+    assert distributed_env(shell) is None
+
+
+def test_slurm_ports_differ_per_step_and_job_and_avoid_the_ephemeral_range():
+    def port(job, step):
+        return distributed_env(dict(SLURM_ENV, SLURM_JOB_ID=str(job), SLURM_STEP_ID=str(step)))
+
+    ports = [port(4242, step).master_port for step in range(8)]
+    assert len(set(ports)) == 8
+    assert port(4242, 0).master_port != port(24242, 0).master_port  # job ids 20000 apart
+    jobs = [port(job, 0).master_port for job in range(4000, 5500)]
+    assert len(set(jobs)) == len(jobs) and all(20000 <= p < 32768 for p in jobs)
+
+
+@pytest.mark.parametrize("rank, local_rank, distribution", [("0", "0", "cyclic"), ("1", "0", None)])
+def test_cyclic_task_placement_is_refused(rank, local_rank, distribution):
+    # srun -N 2 -n 4 -m cyclic: ranks 0, 2 on the first node, 1, 3 on the second.
+    env = dict(SLURM_ENV, SLURM_PROCID=rank, SLURM_LOCALID=local_rank)
+    if distribution:
+        env["SLURM_DISTRIBUTION"] = distribution
+    with pytest.raises(ValueError, match="--distribution=block"):
+        distributed_env(env)
+
+
+@pytest.mark.parametrize(
+    "local_rank, workers, devices, device",
+    [(1, 2, 2, 1), (1, 2, 1, 0), (3, 4, 1, 0), (0, 1, 8, 0)],
+)
+def test_cuda_device_is_the_local_rank_or_the_only_visible_one(local_rank, workers, devices, device):
+    assert cuda_device(local_rank, workers, devices) == device
+
+
+def test_more_workers_than_gpus_is_an_error():
+    with pytest.raises(ValueError, match="at most one worker per GPU"):
+        cuda_device(2, 3, 2)
+
+
+def test_slurm_client_without_configuration_falls_back_to_the_own_parser(monkeypatch):
+    # Debian's slurm-wlm on a workstation: scontrol is there but finds no slurm.conf.
+    monkeypatch.setenv("SLURM_CONF", "/nonexistent/slurm.conf")
+    assert slurm_hostnames("gpu[07-08]") == ["gpu07", "gpu08"]
+
+
+@pytest.mark.parametrize("variable", ["SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"])
+def test_requeued_or_restarted_run_resumes(variable):
+    resumed = []
+    args = default_argument_parser().parse_args([])
+    launch_from_args(lambda a: resumed.append(a.resume), args, environ={variable: "1"})
+    assert resumed == [True]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="gloo on the CPU")
@@ -216,6 +292,66 @@ def test_ranks_agree_to_stop_after_the_iteration_of_the_signal(tmp_path, to_pare
     assert (tmp_path / "last_checkpoint").read_text() == f"model_{iteration:07d}.pth"
     checkpoint = torch.load(tmp_path / f"model_{iteration:07d}.pth", weights_only=False)
     assert checkpoint["iteration"] == iteration
+
+
+class _SignalSelf(HookBase):
+    """Send ``signums`` to this process, and to its DataLoader workers if ``workers``, during
+    iteration ``at``."""
+
+    def __init__(self, at, signums, workers=False):
+        self.at, self.signums, self.workers = at, signums, workers
+
+    def before_step(self):
+        if self.trainer.iter == self.at:
+            pids = [p.pid for p in multiprocessing.active_children()] if self.workers else []
+            for signum in self.signums:
+                for pid in pids + [os.getpid()]:
+                    os.kill(pid, signum)
+
+
+class _Ones(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1000
+
+    def __getitem__(self, index):
+        return torch.ones(2)
+
+
+def _train_until_stopped(out_dir, data, signal_at):
+    """A one-process training of ``_Linear`` stopped by ``signal_at``; returns the exit code."""
+    model = _Linear(2, 1)
+    trainer = SimpleTrainer(model, data, torch.optim.SGD(model.parameters(), lr=0.1))
+    checkpointer = AtomicCheckpointer(model, str(out_dir), trainer=trainer)
+    trainer.register_hooks([signal_at, PreemptionHook(checkpointer)])
+    with pytest.raises(SystemExit) as exited:
+        trainer.train(0, 100)
+    return exited.value.code
+
+
+def test_every_signal_received_reaches_the_handler_installed_before(tmp_path):
+    # submitit sends SIGUSR2 (its requeue handler) and Slurm SIGTERM (its bypass handler):
+    # after the checkpoint both run, not only the one of the larger signal number.
+    called = []
+    signums = (signal.SIGUSR2, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: called.append(signum)) for s in signums}
+    try:
+        data = iter(lambda: torch.ones(4, 2), None)
+        code = _train_until_stopped(tmp_path, data, _SignalSelf(2, signums))
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    assert code == PREEMPTED_EXIT_CODE
+    assert sorted(called) == sorted(signums)
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000002.pth"
+
+
+def test_data_loader_workers_survive_the_signal_sent_to_every_process_of_the_step(tmp_path):
+    # Slurm signals every process of a job step, the DataLoader's workers included: the run
+    # still stops with a checkpoint instead of "DataLoader worker ... killed by signal".
+    loader = torch.utils.data.DataLoader(_Ones(), batch_size=4, num_workers=1)
+    code = _train_until_stopped(tmp_path, loader, _SignalSelf(2, [signal.SIGTERM], workers=True))
+    assert code == PREEMPTED_EXIT_CODE
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000002.pth"
 
 
 # --- Whole runs through train_net.py --------------------------------------------------------

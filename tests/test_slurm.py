@@ -120,7 +120,8 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm, synthetic
     assert f"Starting training from iteration {iteration + 1}" in text
     ref_log = reference.communicate(timeout=300)[0]
     assert reference.returncode == 0, ref_log[-3000:]
-    assert _differing(_final_weights(tmp_path / "out"), _final_weights(tmp_path / "reference")) == []
+    reference_weights = _final_weights(tmp_path / "reference")
+    assert _differing(_final_weights(tmp_path / "out"), reference_weights) == []
 
 
 def test_interactive_step_trains_alone_without_waiting_for_ranks(slurm, tmp_path):

@@ -293,17 +293,26 @@ def parse_slurm_nodelist(nodelist: str, var: str = "SLURM_JOB_NODELIST") -> List
 
 
 def slurm_hostnames(nodelist: str, var: str = "SLURM_JOB_NODELIST") -> List[str]:
-    """The hosts of a SLURM host list: ``scontrol show hostnames`` where it works, else
-    :func:`parse_slurm_nodelist` (also where Slurm's client is installed but finds no
-    configuration, e.g. a workstation)."""
-    scontrol = shutil.which("scontrol")
-    if scontrol is not None:
-        proc = subprocess.run(
-            [scontrol, "show", "hostnames", nodelist], capture_output=True, text=True, check=False
-        )
-        if proc.returncode == 0 and proc.stdout.split():
-            return proc.stdout.split()
-    return parse_slurm_nodelist(nodelist, var)
+    """The hosts of a SLURM host list: :func:`parse_slurm_nodelist`, or ``scontrol show
+    hostnames`` for a list it cannot parse (several brackets in one name). Raises ValueError
+    naming ``var`` if neither can (``scontrol`` may be missing, or installed without a
+    configuration, e.g. on a workstation)."""
+    try:
+        return parse_slurm_nodelist(nodelist, var)
+    except ValueError:
+        scontrol = shutil.which("scontrol")
+        if scontrol is None:
+            raise
+        try:
+            proc = subprocess.run(
+                [scontrol, "show", "hostnames", nodelist],
+                capture_output=True, text=True, check=False, timeout=10,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            raise ValueError(f"{var}={nodelist!r}: scontrol did not answer in 10 s.") from None
+        if proc.returncode or not proc.stdout.split():
+            raise ValueError(f"{var}={nodelist!r}: {proc.stderr.strip()}") from None
+        return proc.stdout.split()
 
 
 def _address_in_use(error: BaseException) -> bool:
