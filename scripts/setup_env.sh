@@ -5,6 +5,8 @@
 #      pure-Python detectron2 from the sal-detectron2==0.7.2 wheel (see DEVELOPERS.md).
 #   3. requirements.txt (detectron2's runtime requirements with their pins, and ours).
 #   4. this project, editable.
+#   5. Debian's slurm-wlm and munge (the real Slurm cluster of tests/test_slurm.py), where missing
+#      and this runs as root with apt-get; elsewhere those tests skip and say why.
 # A second run finds everything in place, installs nothing and makes no network request.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -61,6 +63,17 @@ else
   say "saltnet: installing this project (editable)"
   pip install --no-deps --no-build-isolation -e .
   installed+=("saltnet")
+fi
+
+if command -v slurmctld >/dev/null && command -v munged >/dev/null; then
+  say "slurm-wlm/munge: in place"
+elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  say "slurm-wlm/munge: installing with apt-get (for tests/test_slurm.py)"
+  apt_install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >/dev/null; }
+  apt_install || { apt-get update -q >/dev/null && apt_install; }
+  installed+=("slurm-wlm")
+else
+  say "slurm-wlm/munge: missing, not root with apt-get: the real Slurm tests will skip"
 fi
 
 if [ ${#installed[@]} -eq 0 ]; then

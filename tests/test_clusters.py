@@ -194,7 +194,7 @@ def test_cyclic_task_placement_is_refused(rank, local_rank, distribution):
     "local_rank, workers, devices, device",
     [(1, 2, 2, 1), (1, 2, 1, 0), (3, 4, 1, 0), (0, 1, 8, 0)],
 )
-def test_cuda_device_is_the_local_rank_or_the_only_visible_one(local_rank, workers, devices, device):
+def test_cuda_device_is_the_local_rank_or_the_only_visible(local_rank, workers, devices, device):
     assert cuda_device(local_rank, workers, devices) == device
 
 
@@ -279,10 +279,14 @@ def _linear_training(args):
 def test_ranks_agree_to_stop_after_the_iteration_of_the_signal(tmp_path, to_parent):
     # Rank 1 alone gets SIGUSR1 during iteration 2, or the launching process gets it and passes
     # it on to both workers: both stop after the same iteration, the one of the signal or later.
+    # The port of detectron2's default --dist-url is taken (as by another run on the machine):
+    # a single-machine run finds a free one.
     args = default_argument_parser().parse_args(["--num-gpus", "2"])
-    args.dist_url = f"tcp://127.0.0.1:{free_port()}"
     args.out_dir, args.to_parent = str(tmp_path), to_parent
-    with pytest.raises(SystemExit) as exited:
+    with socket.socket() as other_run, pytest.raises(SystemExit) as exited:
+        other_run.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        other_run.bind(("127.0.0.1", int(args.dist_url.rsplit(":", 1)[1])))
+        other_run.listen()
         launch_from_args(_linear_training, args, environ={})
     assert exited.value.code == PREEMPTED_EXIT_CODE
     stopped = {(tmp_path / f"stopped_{r}").read_text() for r in (0, 1)}
