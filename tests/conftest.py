@@ -33,6 +33,7 @@ def pytest_configure(config):
 # file handed out last would leave the other worker idle at the end.
 LONGEST_FIRST = (
     "test_clusters.py",
+    "test_slurm.py",
     "test_plugin_train.py",
     "test_export.py",
     "test_triton_deform.py",

@@ -9,7 +9,7 @@ continues from that checkpoint exactly as from a periodic one.
 
 A handler that was installed before the hook's (e.g. submitit's requeue on SIGUSR2) is called
 after the checkpoint is written, for every signal any rank received (submitit sends SIGUSR2 and
-SIGTERM: both handlers run).
+SIGTERM: both handlers run); the exit code of one that exits (submitit's requeue) is kept.
 
 Processes forked while the hook is active (DataLoader workers) block these signals: Slurm
 signals every process of a job step, and PyTorch's workers die of SIGTERM, which would end the
@@ -112,11 +112,12 @@ class PreemptionHook(HookBase):
         if comm.is_main_process():
             self._save(iteration)
         comm.synchronize()  # no rank exits before the checkpoint is on disk
+        exit_code = PREEMPTED_EXIT_CODE
         for signum in received:
             previous: Optional[object] = self._previous.get(signum)
             if callable(previous):  # e.g. submitit's requeue
                 try:
                     previous(signum, None)
-                except SystemExit:  # submitit's exits with 255 after requeueing
-                    pass
-        raise SystemExit(PREEMPTED_EXIT_CODE)
+                except SystemExit as e:  # its exit code is its protocol (submitit's requeue)
+                    exit_code = e.code if exit_code == PREEMPTED_EXIT_CODE else exit_code
+        raise SystemExit(exit_code)
