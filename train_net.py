@@ -21,18 +21,19 @@ Datasets besides detectron2's builtin ones are registered from the config: ``DAT
 
 import os
 
-from detectron2.engine import default_argument_parser, default_setup
+from detectron2.engine import default_argument_parser
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 from saltnet.checkpoint import AtomicCheckpointer
 from saltnet.config.load import is_lazy, load_config, output_dir, register_datasets, weights
 from saltnet.engine import SALTNetTrainer, launch_from_args
+from saltnet.engine.setup import setup
 
 
 def main(args):
     cfg = load_config(args.config_file, args.opts)
-    default_setup(cfg, args)
+    setup(cfg, args)
     register_datasets(cfg)
     if args.eval_only:
         model = SALTNetTrainer.build_model(cfg)

@@ -23,11 +23,11 @@ import cv2
 import numpy as np
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.engine import default_setup
 
 from saltnet.config.load import load_config, register_datasets
 from saltnet.data.image_io import read_image
 from saltnet.engine import SALTNetTrainer
+from saltnet.engine.setup import setup
 from saltnet.export import Predictor
 from saltnet.utils.visualize import draw_predictions_and_gt
 
@@ -79,7 +79,7 @@ def main(args) -> int:
     start = time.perf_counter()
     torch.set_num_threads(max(1, args.threads))
     cfg = load_config(args.config_file, ["OUTPUT_DIR", args.output_dir] + args.opts)
-    default_setup(cfg, args)
+    setup(cfg, args)
     register_datasets(cfg)  # generates the synthetic dataset on the first run
     data_end = time.perf_counter()
 

@@ -235,7 +235,7 @@ class SALTNetTrainer(DefaultTrainer):
             PathManager.mkdirs(output_dir(cfg))
             with PathManager.open(path, "w") as f:
                 f.write(f"{model}\n")
-            logging.getLogger(__name__).info(f"Model printed to {path}")
+            logging.getLogger("detectron2").info(f"Model printed to {path}")
         return model
 
     @classmethod
