@@ -23,15 +23,11 @@ import time
 import cv2
 import torch
 import tqdm
-from detectron2.config import CfgNode, LazyConfig
 from detectron2.data import MetadataCatalog
 from detectron2.utils.logger import setup_logger
 
-from saltnet.config.defaults import load_yaml_config
-from saltnet.config.lazy_overrides import check_lazy_overrides
-from saltnet.data import register_datasets_from_cfg, register_datasets_from_lazy_cfg
+from saltnet.config.load import load_config, register_datasets, test_datasets
 from saltnet.data.image_io import read_image
-from saltnet.data.register import lazy_dataset_names
 from saltnet.export.predictor import Predictor
 from saltnet.utils.visualize import SALTVisualizationDemo
 
@@ -42,26 +38,18 @@ def setup_cfg(args):
     """The config as ``train_net.py`` reads it, from file and ``--opts``: a checked YAML config
     (``KEY VALUE`` options) or a LazyConfig (``key=value``), its datasets registered. Runs on the
     CPU when CUDA is unavailable."""
-    if args.config_file.endswith(".py"):
-        cfg = LazyConfig.load(args.config_file)
-        check_lazy_overrides(cfg, args.opts)
-        cfg = LazyConfig.apply_overrides(cfg, args.opts)
-        if not torch.cuda.is_available():
-            cfg.train.device = "cpu"
-        register_datasets_from_lazy_cfg(cfg)
-        return cfg
-    opts = list(args.opts) + ([] if torch.cuda.is_available() else ["MODEL.DEVICE", "cpu"])
-    cfg = load_yaml_config(args.config_file, opts)
-    register_datasets_from_cfg(cfg)
+    cpu = []
+    if not torch.cuda.is_available():
+        lazy = args.config_file.endswith(".py")
+        cpu = ["train.device=cpu"] if lazy else ["MODEL.DEVICE", "cpu"]
+    cfg = load_config(args.config_file, [*args.opts, *cpu])
+    register_datasets(cfg)
     return cfg
 
 
 def test_metadata(cfg):
     """The metadata (class names) of the config's first test dataset."""
-    if isinstance(cfg, CfgNode):
-        names = list(cfg.DATASETS.TEST)
-    else:
-        names = lazy_dataset_names(cfg, "test")
+    names = test_datasets(cfg)
     return MetadataCatalog.get(names[0] if names else "__unused")
 
 

@@ -23,13 +23,12 @@ import cv2
 import numpy as np
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.engine import default_setup
 
-from saltnet.config.defaults import load_yaml_config
-from saltnet.data import register_datasets_from_cfg
+from saltnet.config.load import load_config, register_datasets
 from saltnet.data.image_io import read_image
-from saltnet.engine.trainer import SALTNetTrainer
-from saltnet.export.predictor import Predictor
+from saltnet.engine import SALTNetTrainer
+from saltnet.engine.setup import setup
+from saltnet.export import Predictor
 from saltnet.utils.visualize import draw_predictions_and_gt
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,9 +78,9 @@ def draw_validation_images(cfg, weights: str, out_dir: str, num_images: int) -> 
 def main(args) -> int:
     start = time.perf_counter()
     torch.set_num_threads(max(1, args.threads))
-    cfg = load_yaml_config(args.config_file, ["OUTPUT_DIR", args.output_dir] + args.opts)
-    default_setup(cfg, args)
-    register_datasets_from_cfg(cfg)  # generates the synthetic dataset on the first run
+    cfg = load_config(args.config_file, ["OUTPUT_DIR", args.output_dir] + args.opts)
+    setup(cfg, args)
+    register_datasets(cfg)  # generates the synthetic dataset on the first run
     data_end = time.perf_counter()
 
     trainer = SALTNetTrainer(cfg)

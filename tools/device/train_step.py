@@ -22,12 +22,10 @@ import time
 from pathlib import Path
 
 import torch
-from detectron2.config import LazyConfig, instantiate
-from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from saltnet.config.checks import AMP_PRECISIONS
-from saltnet.config.defaults import load_yaml_config
+from saltnet.config.load import build_model, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
@@ -50,14 +48,11 @@ TOLERANCE = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 5e-2}
 
 
 def build(config: str, backend: str, device: str):
-    path = str(REPO / "configs" / config)
     if config.endswith(".py"):
-        cfg = LazyConfig.load(path)
-        cfg.model.head.deform_backend = backend
-        return instantiate(cfg.model).to(device)
-    return build_model(load_yaml_config(
-        path, ["MODEL.DEVICE", device, "MODEL.SALTNET.DEFORM_BACKEND", backend]
-    ))
+        opts = [f"model.head.deform_backend={backend}", f"train.device={device}"]
+    else:
+        opts = ["MODEL.DEVICE", device, "MODEL.SALTNET.DEFORM_BACKEND", backend]
+    return build_model(load_config(str(REPO / "configs" / config), opts))
 
 
 def train_step(model, inputs, precision: str, device: str) -> dict:

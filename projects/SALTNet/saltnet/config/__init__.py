@@ -3,6 +3,7 @@
 from .checks import ConfigError, UnknownConfigKeyError
 from .defaults import add_saltnet_config, get_saltnet_cfg, load_yaml_config
 from .lazy_overrides import check_lazy_overrides
+from .load import load_config
 
 __all__ = [
     "ConfigError",
@@ -10,5 +11,6 @@ __all__ = [
     "add_saltnet_config",
     "check_lazy_overrides",
     "get_saltnet_cfg",
+    "load_config",
     "load_yaml_config",
 ]

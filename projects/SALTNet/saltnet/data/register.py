@@ -255,13 +255,24 @@ def register_datasets(
         register_synthetic(synthetic_root or None)
 
 
+def _check_registered(names: Iterable[str], key: str) -> None:
+    """ValueError naming the config key that registers datasets if one of ``names`` is not
+    registered (detectron2 would answer with the list of its builtin names)."""
+    missing = [name for name in names if name not in DatasetCatalog.list()]
+    if missing:
+        raise ValueError(
+            f"Dataset {missing[0]!r} is not registered. Register it in the config's {key}, "
+            "e.g. NAME=coco:JSON_FILE:IMAGE_ROOT or NAME=voc:VOC_DIR:SPLIT[:CLASS1,CLASS2,...] "
+            "(detectron2's builtin datasets and the synthetic dataset need none)."
+        )
+
+
 def register_datasets_from_cfg(cfg: CN) -> None:
-    """Register what ``DATASETS.REGISTER`` lists and the synthetic splits TRAIN / TEST name."""
-    register_datasets(
-        cfg.DATASETS.REGISTER,
-        list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST),
-        cfg.DATASETS.SYNTHETIC_ROOT,
-    )
+    """Register what ``DATASETS.REGISTER`` lists and the synthetic splits TRAIN / TEST name;
+    ValueError for a name that is still not registered."""
+    names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+    register_datasets(cfg.DATASETS.REGISTER, names, cfg.DATASETS.SYNTHETIC_ROOT)
+    _check_registered(names, "DATASETS.REGISTER")
 
 
 def lazy_dataset_names(cfg, loader: str) -> List[str]:
@@ -275,8 +286,8 @@ def lazy_dataset_names(cfg, loader: str) -> List[str]:
 def register_datasets_from_lazy_cfg(cfg) -> None:
     """The LazyConfig route of :func:`register_datasets_from_cfg`: register
     ``dataloader.register`` and the synthetic splits the train / test loaders name."""
+    names = lazy_dataset_names(cfg, "train") + lazy_dataset_names(cfg, "test")
     register_datasets(
-        cfg.dataloader.get("register", ()),
-        lazy_dataset_names(cfg, "train") + lazy_dataset_names(cfg, "test"),
-        cfg.dataloader.get("synthetic_root", None),
+        cfg.dataloader.get("register", ()), names, cfg.dataloader.get("synthetic_root", None)
     )
+    _check_registered(names, "dataloader.register")

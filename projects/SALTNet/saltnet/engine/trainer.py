@@ -1,7 +1,8 @@
-"""The :class:`DefaultTrainer` of SALT-Net, shared by ``train_net.py`` and
-``tools/demo_job.py``."""
+"""The training of SALT-Net, for YAML configs and LazyConfigs alike: :class:`SALTNetTrainer`
+builds the model, optimizer, loader, DDP, the (AMP) trainer, the atomic checkpointer with the
+sampler's state, the writers and hooks (evaluation, preemption) and applies the resume rule;
+``train_net.py`` and ``tools/demo_job.py`` use it."""
 
-import contextlib
 import logging
 import math
 import os
@@ -9,18 +10,28 @@ import weakref
 from typing import Mapping, Optional
 
 import torch
-from detectron2.config import CfgNode
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, default_writers
-from detectron2.engine import defaults as d2_defaults
-from detectron2.engine import hooks
-from detectron2.evaluation import COCOEvaluator
+from detectron2.config import instantiate
+from detectron2.engine import (
+    AMPTrainer,
+    DefaultTrainer,
+    SimpleTrainer,
+    TrainerBase,
+    create_ddp_model,
+    default_writers,
+    hooks,
+)
+from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter
+from detectron2.utils.file_io import PathManager
+from detectron2.utils.logger import setup_logger
 
 from ..checkpoint.checkpointer import AtomicCheckpointer
 from ..config.checks import amp_precision
+from ..config.load import build_model, is_lazy, output_dir, weights
 from ..data.loader import SeededMapDataset, build_saltnet_test_loader, build_saltnet_train_loader
 from ..data.sampler import ResumableBatchSampler
+from .preemption import PreemptionHook
 
 __all__ = [
     "SALTNetAMPTrainer",
@@ -39,21 +50,6 @@ def ddp_device_ids(model: torch.nn.Module) -> Optional[list]:
     model (DDP rejects device ids there; detectron2's ``create_ddp_model`` always passes them)."""
     on_cuda = next(model.parameters()).device.type == "cuda"
     return [torch.cuda.current_device()] if on_cuda else None
-
-
-@contextlib.contextmanager
-def _ddp_device_ids_of_the_model():
-    """Within this context, ``create_ddp_model`` (called by DefaultTrainer.__init__ without
-    device ids, so it would pass this process's GPU, which DDP rejects for a CPU model) passes
-    :func:`ddp_device_ids`."""
-    create_ddp_model = d2_defaults.create_ddp_model
-    d2_defaults.create_ddp_model = lambda model, **kwargs: create_ddp_model(
-        model, device_ids=ddp_device_ids(model), **kwargs
-    )
-    try:
-        yield
-    finally:
-        d2_defaults.create_ddp_model = create_ddp_model
 
 
 class MetricPrinter(CommonMetricPrinter):
@@ -135,53 +131,129 @@ def _log_unreadable(dataset: SeededMapDataset) -> None:
 
 
 class SALTNetTrainer(DefaultTrainer):
-    """detectron2's :class:`DefaultTrainer` (SGD, warm-up + multi-step LR, periodic checkpoints,
-    evaluation, CommonMetricPrinter with ETA, TensorBoard and JSON event files) with:
+    """The training of SALT-Net for both kinds of config, used like detectron2's
+    :class:`DefaultTrainer` (``build_model``, ``test``, ``build_evaluator``, ``resume_or_load``,
+    ``train``). A YAML config trains as DefaultTrainer does (SGD, warm-up + multi-step LR,
+    periodic checkpoints, evaluation, PreciseBN); a LazyConfig as detectron2's
+    ``tools/lazyconfig_train_net.py`` (its ``model``, ``optimizer``, ``lr_multiplier``,
+    ``dataloader`` and ``train`` nodes). Both with:
 
     - the data loaders of :mod:`saltnet.data.loader` (box policy, robust image reading, exact
       resume: the sampler's seed is checkpointed and it skips to the resumed iteration), and
       the count of unreadable images skipped, logged when training ends;
-    - :class:`COCOEvaluator` (box AP) for every test dataset;
-    - atomic checkpoint writes (:class:`AtomicCheckpointer`);
+    - :class:`COCOEvaluator` (box AP) for every test dataset of a YAML config;
+    - atomic checkpoint writes (:class:`AtomicCheckpointer`) and the preemption hook;
+    - the AMP trainer at ``SOLVER.AMP.PRECISION`` / ``train.amp.precision``;
     - DistributedDataParallel on CPU processes too (gloo);
-    - a non-finite loss named by its term.
+    - a non-finite loss named by its term; the model printed to ``model.txt`` in the output folder.
     """
 
-    def __init__(self, cfg: CfgNode):
-        with _ddp_device_ids_of_the_model():
-            super().__init__(cfg)
-        # What DefaultTrainer.__init__ cannot be told: our trainer classes and AMP precision
-        # (on the parts it built), and the checkpointer (replaced in build_hooks).
-        old = self._trainer
-        amp = self.cfg.SOLVER.AMP
-        self._trainer = build_trainer(
-            old.model, old.data_loader, old.optimizer, amp.ENABLED, amp.PRECISION
-        )
-
-    def build_hooks(self):
-        # The last step of DefaultTrainer.__init__: the checkpointer exists, its hook does not.
-        sampler = getattr(self._trainer.data_loader, "batch_sampler", None)
+    def __init__(self, cfg):
+        # DefaultTrainer.__init__ composes these parts itself and cannot be told the DDP device
+        # ids of a CPU model, the trainer classes or the checkpointer: they are composed here.
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        if not is_lazy(cfg):
+            cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        if is_lazy(cfg):
+            ddp, amp = cfg.train.ddp, cfg.train.amp
+            amp_enabled, precision = amp.enabled, amp.precision
+        else:
+            ddp, amp = {"broadcast_buffers": False}, cfg.SOLVER.AMP
+            amp_enabled, precision = amp.ENABLED, amp.PRECISION
+        model = create_ddp_model(model, device_ids=ddp_device_ids(model), **ddp)
+        self._trainer = build_trainer(model, data_loader, optimizer, amp_enabled, precision)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        sampler = getattr(data_loader, "batch_sampler", None)
         self.train_sampler = sampler if isinstance(sampler, ResumableBatchSampler) else None
         extra = {"train_sampler": self.train_sampler} if self.train_sampler else {}
         self.checkpointer = AtomicCheckpointer(
-            self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self), **extra
+            model, output_dir(cfg), trainer=weakref.proxy(self), **extra
         )
-        ret = super().build_hooks()
+        self.start_iter = 0
+        self.max_iter = cfg.train.max_iter if is_lazy(cfg) else cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    def build_hooks(self):
+        ret = self._lazy_hooks() if is_lazy(self.cfg) else super().build_hooks()
         dataset = getattr(self._trainer.data_loader, "dataset", None)
         if isinstance(dataset, SeededMapDataset):
             ret.append(hooks.CallbackHook(after_train=lambda _: _log_unreadable(dataset)))
+        ret.append(PreemptionHook(self.checkpointer))  # last: its checkpoint follows the others
+        return ret
+
+    def _lazy_hooks(self):
+        """The hooks of detectron2's ``tools/lazyconfig_train_net.py``."""
+        cfg = self.cfg
+
+        def test_and_save_results():
+            self._last_eval_results = self.test(cfg, self.model)
+            return self._last_eval_results
+
+        ret = [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+        ]
+        if comm.is_main_process():
+            ret.append(hooks.PeriodicCheckpointer(self.checkpointer, **cfg.train.checkpointer))
+        ret.append(hooks.EvalHook(cfg.train.eval_period, test_and_save_results))
+        if comm.is_main_process():
+            ret.append(hooks.PeriodicWriter(self.build_writers(), period=cfg.train.log_period))
         return ret
 
     def build_writers(self):
-        return build_writers(self.cfg.OUTPUT_DIR, self.max_iter)
+        return build_writers(output_dir(self.cfg), self.max_iter)
 
     def resume_or_load(self, resume: bool = True) -> None:
-        super().resume_or_load(resume=resume)
+        """Load the last checkpoint of the output folder if ``resume`` and there is one (and
+        continue at the iteration after it), else the config's weights."""
+        self.checkpointer.resume_or_load(weights(self.cfg), resume=resume)
+        if resume and self.checkpointer.has_checkpoint():
+            # The checkpoint stores the iteration that just finished: continue at the next one.
+            self.start_iter = self.iter + 1
         if self.train_sampler is not None:
             self.train_sampler.start_iter = self.start_iter
 
+    def train(self):
+        if not is_lazy(self.cfg):
+            return super().train()
+        TrainerBase.train(self, self.start_iter, self.max_iter)
+        return getattr(self, "_last_eval_results", None)
+
+    @classmethod
+    def build_model(cls, cfg):
+        """The model of ``cfg`` on its device; its print goes to ``model.txt`` in the output
+        folder (main process) rather than to the terminal."""
+        model = build_model(cfg)
+        if comm.is_main_process():
+            path = os.path.join(output_dir(cfg), "model.txt")
+            PathManager.mkdirs(output_dir(cfg))
+            with PathManager.open(path, "w") as f:
+                f.write(f"{model}\n")
+            logging.getLogger("detectron2").info(f"Model printed to {path}")
+        return model
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        if not is_lazy(cfg):
+            return super().build_optimizer(cfg, model)
+        cfg.optimizer.params.model = model
+        return instantiate(cfg.optimizer)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        # A LazyConfig's schedule is given to the LRScheduler hook (see _lazy_hooks).
+        return None if is_lazy(cfg) else super().build_lr_scheduler(cfg, optimizer)
+
     @classmethod
     def build_train_loader(cls, cfg):
+        if is_lazy(cfg):
+            return instantiate(cfg.dataloader.train)  # registers its datasets, checks classes
         return build_saltnet_train_loader(cfg)
 
     @classmethod
@@ -198,3 +270,15 @@ class SALTNetTrainer(DefaultTrainer):
             max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
             output_dir=output_folder,
         )
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """DefaultTrainer.test for a YAML config; a LazyConfig's test loader and evaluator
+        (``dataloader.test``, ``dataloader.evaluator``; None without an evaluator)."""
+        if not is_lazy(cfg):
+            return super().test(cfg, model, evaluators)
+        if "evaluator" in cfg.dataloader:
+            evaluator = instantiate(cfg.dataloader.evaluator)
+            ret = inference_on_dataset(model, instantiate(cfg.dataloader.test), evaluator)
+            print_csv_format(ret)
+            return ret

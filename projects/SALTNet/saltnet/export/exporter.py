@@ -24,14 +24,12 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Instances
 from torch import Tensor, nn
 
-from ..config.defaults import load_yaml_config
-from ..data.transforms import with_resize_backend
+from ..config.load import load_config, test_resize
 from ..modeling.head import HeadOutputs
 
 __all__ = [
@@ -95,20 +93,15 @@ def load_export_config(config_file: str, opts: Sequence[str] = ()):
     ``opts``, on the CPU, deformable convs on the torchvision backend (a plain call of
     ``torchvision.ops.deform_conv2d``, which the ONNX exporter writes as ``DeformConv``)."""
     forced = ["MODEL.DEVICE", "cpu", "MODEL.SALTNET.DEFORM_BACKEND", "torchvision"]
-    return load_yaml_config(config_file, [*opts, *forced])
+    return load_config(config_file, [*opts, *forced])
 
 
 def resize_for_test(cfg, image_bgr: np.ndarray) -> Tensor:
     """A BGR (OpenCV) image as the model's (3, H, W) float32 input: the test-time resize of
     ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST`` (by ``INPUT.RESIZE_BACKEND``) and
     ``INPUT.FORMAT``, as ``DefaultPredictor``."""
-    image = image_bgr[:, :, ::-1] if cfg.INPUT.FORMAT == "RGB" else image_bgr
-    aug = with_resize_backend(
-        T.ResizeShortestEdge(
-            [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
-        ),
-        cfg.INPUT.RESIZE_BACKEND,
-    )
+    aug, input_format = test_resize(cfg)
+    image = image_bgr[:, :, ::-1] if input_format == "RGB" else image_bgr
     resized = aug.get_transform(image).apply_image(image)
     return torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
 

@@ -11,13 +11,11 @@ from typing import Dict
 
 import numpy as np
 import torch
-from detectron2.config import CfgNode, instantiate
 from detectron2.data import transforms as T
-from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
 from ..checkpoint.checkpointer import AtomicCheckpointer
-from ..data.transforms import with_resize_backend
+from ..config.load import build_model, test_resize, weights
 
 __all__ = ["Predictor"]
 
@@ -46,28 +44,13 @@ class Predictor:
         LazyConfig (``train.init_checkpoint``, the test mapper's first augmentation and its
         ``image_format``), on the config's device. ``output_point_sets``: detections carry the
         SALT point sets (ValueError if the head has none, ``SALT_ON`` False)."""
-        if isinstance(cfg, CfgNode):
-            meta_arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
-            model = meta_arch(cfg, output_point_sets=output_point_sets)
-            device, weights = cfg.MODEL.DEVICE, cfg.MODEL.WEIGHTS
-            size = cfg.INPUT.MIN_SIZE_TEST
-            aug = T.ResizeShortestEdge([size, size], cfg.INPUT.MAX_SIZE_TEST)
-            aug = with_resize_backend(aug, cfg.INPUT.RESIZE_BACKEND)
-            input_format = cfg.INPUT.FORMAT
-        else:
-            model_cfg = cfg.model.copy()
-            model_cfg.output_point_sets = output_point_sets
-            model = instantiate(model_cfg)
-            device, weights = cfg.train.device, cfg.train.init_checkpoint
-            mapper = cfg.dataloader.test.mapper
-            aug, input_format = instantiate(mapper.augmentations[0]), mapper.image_format
+        model = build_model(cfg, output_point_sets=output_point_sets)
         if output_point_sets and not getattr(model.head, "salt_on", False):
             raise ValueError(
                 "The model's head runs without SALT (SALT_ON False): it has no points."
             )
-        model = model.to(device).eval()
-        AtomicCheckpointer(model).load(weights)
-        return cls(model, aug, input_format)
+        AtomicCheckpointer(model.eval()).load(weights(cfg))
+        return cls(model, *test_resize(cfg))
 
     def __call__(self, original_image: np.ndarray) -> Dict:
         with torch.no_grad():
