@@ -16,7 +16,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..layers import ModulatedDeformConv
-from .salt import SALTOperator, conv_norm_relu, normal_init_
+from .dense_utils import conv_norm_relu, normal_init_
+from .salt import SALTOperator
 
 __all__ = ["HeadOutputs", "SALTHead"]
 

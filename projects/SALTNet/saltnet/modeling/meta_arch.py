@@ -10,10 +10,8 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.structures import Boxes, Instances
-from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import Tensor
-from torch import distributed as dist
 
 from .atss import atss_assign, inside_padded_images
 from .box_coding import (
@@ -22,6 +20,7 @@ from .box_coding import (
     distances_to_boxes,
     distribution_to_distances,
 )
+from .dense_utils import anchor_points, reduce_mean
 from .head import HeadOutputs, SALTHead
 from .losses import distribution_focal_loss, giou_loss, quality_focal_loss
 from .point_sets import PointSetOutputs
@@ -42,29 +41,6 @@ def head_input_shapes(backbone, in_features: List[str]) -> List[ShapeSpec]:
         problem = f"names {missing}, which the backbone does not yield" if missing else "is empty"
         raise ValueError(f"MODEL.SALTNET.IN_FEATURES {problem}; it yields {sorted(shapes)}.")
     return [shapes[f] for f in in_features]
-
-
-def anchor_points(anchors: List[Boxes], strides: List[int]) -> Tuple[Tensor, Tensor]:
-    """The anchors' centres (R, 2) xy in pixels and the stride (R,) of each (float32, pixels),
-    all levels concatenated; ``strides`` per level."""
-    points = cat([a.get_centers() for a in anchors], dim=0)
-    per_anchor = [points.new_full((len(a),), float(s)) for a, s in zip(anchors, strides)]
-    return points, cat(per_anchor)
-
-
-def reduce_mean(tensor: Tensor) -> Tensor:
-    """Average a tensor over all workers (no-op in a single process); no host sync.
-
-    SALT-Net's loss normalisers (positive counts, quality-weight sums) are this batch's, averaged
-    over workers, as in the authors' release. Not ``DenseDetector._ema_update`` (detectron2's
-    FCOS / RetinaNet), which smooths the positive count over iterations (momentum 0.9): that is
-    another normalisation than the release's, and would give another loss scale per batch.
-    """
-    if comm.get_world_size() > 1:
-        tensor = tensor.clone()
-        dist.all_reduce(tensor)
-        tensor = tensor / comm.get_world_size()
-    return tensor
 
 
 @META_ARCH_REGISTRY.register()

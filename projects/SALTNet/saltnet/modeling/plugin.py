@@ -38,10 +38,10 @@ from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from detectron2.structures import Boxes, Instances
 
 from .box_coding import distances_to_boxes
+from .dense_utils import anchor_points, normal_init_
 from .losses import giou_loss
-from .meta_arch import anchor_points
 from .point_sets import PointSetOutputs
-from .salt import SALTOperator, SALTOutput, normal_init_
+from .salt import SALTOperator, SALTOutput
 
 __all__ = [
     "PluginHeadOutputs",

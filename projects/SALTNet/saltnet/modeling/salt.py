@@ -11,21 +11,20 @@ measured from the location's anchor point. Points and offsets are (y, x) pairs, 
 order of a deformable-conv kernel (0 top-left, 4 centre, 8 bottom-right).
 """
 
-from typing import Iterable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
-from detectron2.layers import Conv2d, get_norm
+from detectron2.layers import get_norm
 from torch import nn
 from torch.nn import functional as F
 
-from ..layers import DeformConv, ModulatedDeformConv
+from ..layers import DeformConv
+from .dense_utils import conv_norm_relu
 
 __all__ = [
     "KERNEL_GRID",
     "SALTOperator",
     "SALTOutput",
-    "conv_norm_relu",
-    "normal_init_",
     "place_points",
 ]
 
@@ -81,29 +80,6 @@ def place_points(distances: torch.Tensor, factors: torch.Tensor) -> torch.Tensor
     return torch.stack([ys, xs], dim=2).flatten(1, 2)
 
 
-def conv_norm_relu(in_channels: int, channels: int, norm: str, bias: bool) -> Conv2d:
-    """conv3x3 + norm + ReLU."""
-    return Conv2d(
-        in_channels,
-        channels,
-        kernel_size=3,
-        padding=1,
-        bias=bias,
-        norm=get_norm(norm, channels),
-        activation=F.relu,
-    )
-
-
-def normal_init_(modules: Iterable[nn.Module], std: float = 0.01) -> None:
-    """The dense heads' initialisation: every conv and deformable conv among ``modules`` gets
-    weights ~ N(0, std) and zero biases (in the order given, which fixes the random draws)."""
-    for module in modules:
-        if isinstance(module, (nn.Conv2d, DeformConv, ModulatedDeformConv)):
-            nn.init.normal_(module.weight, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-
-
 def _deform_conv_norm_relu(channels: int, norm: str, backend: Optional[str]) -> DeformConv:
     """Deformable conv3x3 (no bias) + norm + ReLU: SALT's point-sampling conv."""
     return DeformConv(
@@ -132,10 +108,11 @@ class SALTOperator(nn.Module):
 
     ``forward(cls_feat, reg_feat, x, level)`` takes the two tower outputs and the tower input
     ``x`` (the FPN map, added to the classification features as a residual), all (N, C, H, W),
-    and returns a :class:`SALTOutput`. Its owner initialises it (:func:`normal_init_`, in the
-    owner's order of random draws). The coarse box is ReLU(conv) times a learnable scale per
-    level; the 14 shape factors are sigmoids (see :func:`place_points`); the classification
-    points are the (detached) regression points rescaled point by point by exp(conv).
+    and returns a :class:`SALTOutput`. Its owner initialises it
+    (:func:`~.dense_utils.normal_init_`, in the owner's order of random draws). The coarse box
+    is ReLU(conv) times a learnable scale per level; the 14 shape factors are sigmoids (see
+    :func:`place_points`); the classification points are the (detached) regression points
+    rescaled point by point by exp(conv).
     """
 
     def __init__(
