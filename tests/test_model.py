@@ -10,6 +10,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from saltnet import SALTHead, SALTNet, add_saltnet_config
+from saltnet.modeling.meta_arch import AnchorTargets, FlatPredictions
 from saltnet.modeling.salt import KERNEL_GRID, place_points
 
 NUM_CLASSES = 3
@@ -105,16 +106,19 @@ def test_head_output_shapes_and_ranges(salt_on):
     head = SALTHead(input_shape=shapes, num_classes=NUM_CLASSES, salt_on=salt_on)
     sizes = [(12, 16), (6, 8), (3, 4), (2, 2), (1, 1)]
     features = [torch.randn(2, 32, h, w) for h, w in sizes]
-    scores, box_logits, coarse, reg_points, cls_points = head(features)
+    outputs = head(features)
+    scores, box_logits, salt = outputs.scores, outputs.box_logits, outputs.salt
     for level, (h, w) in enumerate(sizes):
         assert scores[level].shape == (2, NUM_CLASSES, h, w)
         assert ((scores[level] >= 0) & (scores[level] <= 1)).all()
         assert box_logits[level].shape == (2, 4 * 17, h, w)
         if salt_on:
+            coarse, reg_points, cls_points = salt.coarse, salt.reg_points, salt.cls_points
             assert coarse[level].shape == (2, 4, h, w)
             assert coarse[level].dtype == torch.float32 and (coarse[level] >= 0).all()
             assert reg_points[level].shape == cls_points[level].shape == (2, 18, h, w)
-    assert (coarse is None) == (reg_points is None) == (cls_points is None) == (not salt_on)
+    assert (salt is None) == (not salt_on)
+    assert head.output_groups == list(outputs.groups())
 
 
 def test_forward_backward_reaches_every_parameter():
@@ -181,7 +185,8 @@ def test_perfect_predictions_give_zero_box_losses():
     with EventStorage():
         valid = torch.ones(1, 2, dtype=torch.bool)
         losses = model.losses(
-            points, strides, scores, logits.flatten(2), distances, gt_classes, gt_boxes, valid
+            FlatPredictions(scores=scores, box_logits=logits.flatten(2), coarse=distances),
+            AnchorTargets(points, strides, gt_classes=gt_classes, gt_boxes=gt_boxes, valid=valid),
         )
     for name in ("loss_qfl", "loss_giou", "loss_dfl", "loss_coarse", "loss_sdr"):
         assert losses[name].item() == pytest.approx(0.0, abs=1e-5), name

@@ -11,7 +11,7 @@ measured from the location's anchor point. Points and offsets are (y, x) pairs, 
 order of a deformable-conv kernel (0 top-left, 4 centre, 8 bottom-right).
 """
 
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
 from detectron2.layers import get_norm
@@ -25,6 +25,7 @@ __all__ = [
     "KERNEL_GRID",
     "SALTOperator",
     "SALTOutput",
+    "SALTPredictions",
     "place_points",
 ]
 
@@ -93,14 +94,27 @@ def _deform_conv_norm_relu(channels: int, norm: str, backend: Optional[str]) -> 
     )
 
 
+class SALTPredictions(NamedTuple):
+    """What the SALT operator predicts, in stride units from the anchor point (module doc): for
+    one level (:class:`SALTOperator`) each field is an (N, C, H, W) tensor; in the heads' outputs
+    (``HeadOutputs``, ``PluginHeadOutputs``) a list of them over the levels."""
+
+    coarse: Any  # (N, 4, H, W) float32 coarse side distances (left, top, right, bottom)
+    reg_points: Any  # (N, 18, H, W) nine (y, x) regression points
+    cls_points: Any  # (N, 18, H, W) nine (y, x) classification points
+
+    @classmethod
+    def over_levels(cls, levels: Sequence["SALTPredictions"]) -> "SALTPredictions":
+        """The levels' predictions as one, each field the list of the levels' tensors."""
+        return cls(**{field: [getattr(p, field) for p in levels] for field in cls._fields})
+
+
 class SALTOutput(NamedTuple):
     """What :class:`SALTOperator` gives for one level; N images, C channels, H x W locations."""
 
     cls_feat: torch.Tensor  # (N, C, H, W) classification features sampled at cls_points
     reg_feat: torch.Tensor  # (N, C, H, W) regression features sampled at reg_points
-    coarse: torch.Tensor  # (N, 4, H, W) float32 coarse (left, top, right, bottom), stride units
-    reg_points: torch.Tensor  # (N, 18, H, W) (y, x) regression points, stride units
-    cls_points: torch.Tensor  # (N, 18, H, W) (y, x) classification points, stride units
+    salt: SALTPredictions  # this level's coarse box and point sets
 
 
 class SALTOperator(nn.Module):
@@ -145,4 +159,4 @@ class SALTOperator(nn.Module):
         point_scale = self.cls_point_scale_pred(self.cls_point_conv(cls_feat)).float().exp()
         cls_points = point_scale * reg_points.detach()
         cls_feat = self.cls_dcn(cls_feat, cls_points - self.kernel_grid)
-        return SALTOutput(cls_feat, reg_feat, coarse, reg_points, cls_points)
+        return SALTOutput(cls_feat, reg_feat, SALTPredictions(coarse, reg_points, cls_points))
