@@ -15,14 +15,15 @@ from detectron2.modeling import build_model
 from detectron2.modeling.backbone import BasicStem, ResNet
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
+from helpers import TINY_BACKBONE_OPTS, TINY_CHANNELS, TINY_NUM_CLASSES
 from release_reference import _iou_and_giou
 
 from saltnet.config import constructor_defaults, get_saltnet_cfg
 from saltnet.modeling import SALTFCOS, SALTFCOSHead, SALTRetinaNet, SALTRetinaNetHead
 from saltnet.modeling.box_coding import aligned_giou
 
-CHANNELS = 32
-NUM_CLASSES = 3
+CHANNELS = TINY_CHANNELS
+NUM_CLASSES = TINY_NUM_CLASSES
 
 
 def small_lazy_model(name: str):
@@ -111,12 +112,7 @@ def test_salt_off_is_detectron2(name):
 def small_yaml_cfg():
     """A YAML config of detectron2's RetinaNet, shrunk as :func:`small_lazy_model`."""
     cfg = get_saltnet_cfg()
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.RESNETS.DEPTH = 18
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
-    cfg.MODEL.RESNETS.OUT_FEATURES = ["res3", "res4", "res5"]
-    cfg.MODEL.FPN.IN_FEATURES = ["res3", "res4", "res5"]
-    cfg.MODEL.FPN.OUT_CHANNELS = CHANNELS
+    cfg.merge_from_list(TINY_BACKBONE_OPTS)
     cfg.MODEL.BACKBONE.NAME = "build_retinanet_resnet_fpn_backbone"
     cfg.MODEL.RETINANET.NUM_CLASSES = NUM_CLASSES
     cfg.MODEL.RETINANET.NUM_CONVS = 2

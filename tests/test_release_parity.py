@@ -18,7 +18,7 @@ from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.structures import ImageList
 from detectron2.utils.events import EventStorage
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, tiny_model
 from release_reference import (
     release_fpn,
     release_head_level,
@@ -238,14 +238,8 @@ def head_outputs(scores, box_logits, coarse):
     return HeadOutputs(scores=scores, box_logits=box_logits, salt=salt)
 
 
-def quick_model():
-    """The quick config's SALT-Net (defaults: SDR_MODE gt) with K classes."""
-    path = REPO_ROOT / "configs" / "quick_schedule" / "salt_R_18_synthetic.yaml"
-    return build_model(load_yaml_config(str(path), ["MODEL.SALTNET.NUM_CLASSES", str(K)]))
-
-
 def test_losses_and_gradients_equal_the_release():
-    model = quick_model()
+    model = tiny_model("MODEL.SALTNET.NUM_CLASSES", str(K))  # SDR_MODE: the default, gt
     sizes, instances = loss_batch()
     assert [len(i) for i in instances] == [4, 2, 0]  # the crowd box is not a training target
     images = ImageList.from_tensors([torch.zeros(3, h, w) for h, w in sizes], 32)
@@ -288,7 +282,7 @@ def test_losses_and_gradients_equal_the_release():
 
 def test_batch_without_positives_stays_finite():
     """The release divides the box losses by a zero weight sum here (NaN); ours are 0."""
-    model = quick_model()
+    model = tiny_model("MODEL.SALTNET.NUM_CLASSES", str(K))  # SDR_MODE: the default, gt
     _, instances = loss_batch()
     images = ImageList.from_tensors([torch.zeros(3, 90, 50)], 32)
     shapes = [(12, 7), (6, 4), (3, 2), (2, 1), (1, 1)]
