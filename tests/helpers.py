@@ -1,5 +1,8 @@
 """Constants and plain helpers the test files share (fixtures live in conftest.py)."""
 
+import json
+import math
+import re
 import socket
 from pathlib import Path
 
@@ -90,6 +93,34 @@ def tiny_model(*opts, seed: int = 0):
     cfg = tiny_cfg(*opts)
     torch.manual_seed(seed)
     return build_model(cfg).train()
+
+
+def metrics_records(out_dir) -> list:
+    """The records of detectron2's metrics.json in ``out_dir`` (training and evaluation)."""
+    with open(Path(out_dir) / "metrics.json") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def copypaste_ap(text: str) -> str:
+    """The values of detectron2's ``copypaste: AP,AP50,...`` line (e.g. "1.0,2.5,0.3,0,1.0,nan")."""
+    match = re.search(r"copypaste: AP,AP50,AP75,APs,APm,APl\n.*copypaste: ([-\d.,na]+)", text)
+    assert match, "no AP table in the output"
+    return match.group(1)
+
+
+def assert_trained_and_evaluated(out_dir, loss_names) -> None:
+    """metrics.json in ``out_dir`` holds finite ``total_loss`` and ``loss_names`` at every logged
+    iteration, and a final evaluation whose bbox AP and AP50 are numbers in [0, 100]."""
+    records = metrics_records(out_dir)
+    training = [r for r in records if "total_loss" in r]
+    assert training, "no training records in metrics.json"
+    for record in training:
+        for name in ("total_loss", *loss_names):
+            assert math.isfinite(record[name]), (name, record)
+    evaluations = [r for r in records if "bbox/AP" in r]
+    assert evaluations, "no evaluation in metrics.json"
+    for key in ("bbox/AP", "bbox/AP50"):
+        assert 0 <= evaluations[-1][key] <= 100, (key, evaluations[-1])
 
 
 def free_port() -> int:
