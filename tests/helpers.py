@@ -1,10 +1,16 @@
 """Constants and plain helpers the test files share (fixtures live in conftest.py)."""
 
+import json
+import math
+import re
 import socket
 from pathlib import Path
 
 import torch
+from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
+
+from saltnet.config import get_saltnet_cfg
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUICK_YAML = "configs/quick_schedule/salt_R_18_synthetic.yaml"
@@ -44,8 +50,77 @@ LAZY_TINY_OVERRIDES = [
     LAZY_VAL_16,
     "model.test_score_thresh=0.0",
 ]
+# The tests' small models: ResNet-18 and a TINY_CHANNELS-channel FPN on res3-res5 (SALT-Net's
+# P3-P7, or detectron2's RetinaNet's), on the CPU, with TINY_NUM_CLASSES classes.
+TINY_CHANNELS = 32
+TINY_NUM_CLASSES = 3
+# fmt: off
+TINY_BACKBONE_OPTS = [
+    "MODEL.DEVICE", "cpu",
+    "MODEL.RESNETS.DEPTH", "18",
+    "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+    "MODEL.RESNETS.OUT_FEATURES", "['res3', 'res4', 'res5']",
+    "MODEL.FPN.IN_FEATURES", "['res3', 'res4', 'res5']",
+    "MODEL.FPN.OUT_CHANNELS", str(TINY_CHANNELS),
+]
+# fmt: on
+# For a tiny model trained on one small image at a time: the head's GroupNorm (32 groups) needs
+# more than one value per group on the 1 x 1 top level, so 64 channels.
+ONE_IMAGE_OPTS = ["MODEL.FPN.OUT_CHANNELS", "64"]
 # Two workers, 4 iterations, a fixed seed, evaluation at the end (the two-process runs).
 DIST_OPTS = TINY_OPTS + ["SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "100", "SEED", "3"]
+
+
+def tiny_cfg(*opts):
+    """A small SALT-Net YAML config (the tiny backbone, detectron2's FrozenBN, TINY_NUM_CLASSES
+    classes); ``opts`` (key, value, ...) override it."""
+    cfg = get_saltnet_cfg()
+    # fmt: off
+    cfg.merge_from_list([
+        "MODEL.META_ARCHITECTURE", "SALTNet",
+        "MODEL.BACKBONE.NAME", "build_saltnet_resnet_fpn_backbone",
+        *TINY_BACKBONE_OPTS,
+        "MODEL.SALTNET.NUM_CLASSES", str(TINY_NUM_CLASSES),
+        *opts,
+    ])
+    # fmt: on
+    return cfg
+
+
+def tiny_model(*opts, seed: int = 0):
+    """The model of ``tiny_cfg(*opts)``, built from torch seed ``seed`` (the same weights every
+    call), in training mode."""
+    cfg = tiny_cfg(*opts)
+    torch.manual_seed(seed)
+    return build_model(cfg).train()
+
+
+def metrics_records(out_dir) -> list:
+    """The records of detectron2's metrics.json in ``out_dir`` (training and evaluation)."""
+    with open(Path(out_dir) / "metrics.json") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def copypaste_ap(text: str) -> str:
+    """The values of detectron2's ``copypaste: AP,AP50,...`` line (e.g. "1.0,2.5,0.3,0,1.0,nan")."""
+    match = re.search(r"copypaste: AP,AP50,AP75,APs,APm,APl\n.*copypaste: ([-\d.,na]+)", text)
+    assert match, "no AP table in the output"
+    return match.group(1)
+
+
+def assert_trained_and_evaluated(out_dir, loss_names) -> None:
+    """metrics.json in ``out_dir`` holds finite ``total_loss`` and ``loss_names`` at every logged
+    iteration, and a final evaluation whose bbox AP and AP50 are numbers in [0, 100]."""
+    records = metrics_records(out_dir)
+    training = [r for r in records if "total_loss" in r]
+    assert training, "no training records in metrics.json"
+    for record in training:
+        for name in ("total_loss", *loss_names):
+            assert math.isfinite(record[name]), (name, record)
+    evaluations = [r for r in records if "bbox/AP" in r]
+    assert evaluations, "no evaluation in metrics.json"
+    for key in ("bbox/AP", "bbox/AP50"):
+        assert 0 <= evaluations[-1][key] <= 100, (key, evaluations[-1])
 
 
 def free_port() -> int:

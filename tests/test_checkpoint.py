@@ -72,7 +72,7 @@ def test_crash_during_save_keeps_last_good_checkpoint(tmp_path, monkeypatch, cra
 def test_finetuning_with_another_class_count_drops_only_the_classifier(tmp_path, caplog):
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
-    from test_model import tiny_cfg
+    from helpers import tiny_cfg
 
     cfg = tiny_cfg()
     source = build_model(cfg)
@@ -94,7 +94,7 @@ def test_finetuning_with_another_class_count_drops_only_the_classifier(tmp_path,
 
 def test_checkpoint_of_another_architecture_loads_what_fits_or_is_refused(tmp_path, caplog):
     from detectron2.modeling import build_model
-    from test_model import tiny_cfg
+    from helpers import tiny_cfg
 
     from saltnet.checkpoint.checkpointer import CheckpointMismatchError
 

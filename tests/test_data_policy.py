@@ -8,10 +8,9 @@ import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.modeling import build_model
 from detectron2.structures import Boxes, BoxMode, Instances
 from detectron2.utils.events import EventStorage
-from helpers import QUICK_PY, QUICK_YAML, REPO_ROOT
+from helpers import ONE_IMAGE_OPTS, QUICK_PY, QUICK_YAML, REPO_ROOT, tiny_model
 from PIL import Image
 
 from saltnet.config.defaults import load_yaml_config
@@ -295,13 +294,11 @@ def test_augmentation_depends_only_on_the_sample_seed(mapper, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def quick_model():
-    # FrozenBN as in the paper's configs: trainable BN cannot normalise the 1 x 1 res5 map of a
-    # lone 16 x 16 image (the training mapper resizes such images to INPUT.MIN_SIZE_TRAIN anyway).
-    torch.manual_seed(0)
-    model = build_model(load_yaml_config(QUICK_YAML, ["MODEL.RESNETS.NORM", "FrozenBN"]))
-    model.train()
-    return model
+def tiny_saltnet():
+    # FrozenBN (the tiny model's), as in the paper's configs: trainable BN cannot normalise the
+    # 1 x 1 res5 map of a lone 16 x 16 image (the training mapper resizes such images to
+    # INPUT.MIN_SIZE_TRAIN anyway).
+    return tiny_model(*ONE_IMAGE_OPTS)
 
 
 def _instances(boxes, size):
@@ -322,18 +319,18 @@ def _random_boxes(n, h, w, generator):
     [(16, 16, 1), (50, 2000, 5), (2000, 50, 5), (128, 128, 1000), (64, 64, 0)],
     ids=["16x16", "50x2000", "2000x50", "1000-boxes", "no-boxes"],
 )
-def test_training_step_on_odd_images_has_finite_losses_and_gradients(quick_model, h, w, num_boxes):
+def test_training_step_on_odd_images_has_finite_losses_and_gradients(tiny_saltnet, h, w, num_boxes):
     generator = torch.Generator().manual_seed(h * w + num_boxes)
     image = torch.randint(0, 255, (3, h, w), generator=generator, dtype=torch.uint8)
     boxes = _random_boxes(num_boxes, h, w, generator) if num_boxes > 1 else [[2, 2, 14, 14]]
     boxes = boxes[:num_boxes]
-    quick_model.zero_grad()
+    tiny_saltnet.zero_grad()
     with EventStorage():
-        losses = quick_model([{"image": image, "instances": _instances(boxes, (h, w))}])
+        losses = tiny_saltnet([{"image": image, "instances": _instances(boxes, (h, w))}])
     total = sum(losses.values())
     assert all(torch.isfinite(v) for v in losses.values()), losses
     total.backward()
-    grads = [p.grad for p in quick_model.parameters() if p.grad is not None]
+    grads = [p.grad for p in tiny_saltnet.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 

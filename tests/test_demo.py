@@ -37,7 +37,8 @@ def test_point_sets_belong_to_the_detections(trained_model):
         finally:
             model.output_point_sets = False
         features = model.backbone(model.preprocess_image([inputs]).tensor)
-        point_maps = model.head([features[f] for f in model.head_in_features])[3:]
+        salt = model.head([features[f] for f in model.head_in_features]).salt
+        point_maps = salt.reg_points, salt.cls_points
     assert len(instances) > 0
     # The same detections as without point sets.
     assert torch.equal(instances.pred_boxes.tensor, expected.pred_boxes.tensor)

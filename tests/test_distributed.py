@@ -6,25 +6,17 @@ import re
 import pytest
 import torch
 from detectron2.engine import launch
-from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
-from helpers import QUICK_YAML, free_port, two_image_batch
-
-from saltnet.config.defaults import load_yaml_config
+from helpers import ONE_IMAGE_OPTS, free_port, tiny_model, two_image_batch
 
 # detectron2's launch uses NCCL (one process per GPU) whenever CUDA is available.
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU (gloo) processes only")
 
 
-def _model():
-    # FrozenBN: a batch-statistics BN would make one 2-image batch differ from two 1-image ones.
-    torch.manual_seed(0)
-    model = build_model(load_yaml_config(QUICK_YAML, ["MODEL.RESNETS.NORM", "FrozenBN"]))
-    return model.train()
-
-
 def _losses(model, inputs):
+    # The tiny model's FrozenBN: a batch-statistics BN would make one 2-image batch differ from
+    # two 1-image ones.
     with EventStorage():
         return {k: v.detach() for k, v in model(inputs).items()}
 
@@ -32,7 +24,7 @@ def _losses(model, inputs):
 def _rank_losses(out_dir):
     torch.set_num_threads(1)
     rank = comm.get_rank()
-    losses = _losses(_model(), two_image_batch()[rank : rank + 1])
+    losses = _losses(tiny_model(*ONE_IMAGE_OPTS), two_image_batch()[rank : rank + 1])
     torch.save(losses, f"{out_dir}/losses_{rank}.pth")
 
 
@@ -41,7 +33,7 @@ def test_loss_normalisation_is_reduced_across_workers(tmp_path):
     per_rank = [torch.load(tmp_path / f"losses_{r}.pth") for r in (0, 1)]
     # DDP averages gradients over ranks, so the mean of the ranks' losses must equal the loss of
     # one process seeing both images: the normalisers (positives, quality weights) are global.
-    together = _losses(_model(), two_image_batch())
+    together = _losses(tiny_model(*ONE_IMAGE_OPTS), two_image_batch())
     assert set(per_rank[0]) == set(together)
     for name, value in together.items():
         mean = (per_rank[0][name] + per_rank[1][name]) / 2

@@ -2,34 +2,22 @@
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import build_model
 from detectron2.modeling.backbone import Backbone
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
+from helpers import TINY_NUM_CLASSES, tiny_model
 
-from saltnet import SALTHead, SALTNet, add_saltnet_config
+from saltnet import SALTHead, SALTNet
+from saltnet.modeling.meta_arch import AnchorTargets, FlatPredictions
 from saltnet.modeling.salt import KERNEL_GRID, place_points
 
-NUM_CLASSES = 3
+NUM_CLASSES = TINY_NUM_CLASSES
 
 
-def tiny_cfg(salt_on=True, sdr_mode="both"):
-    cfg = get_cfg()
-    add_saltnet_config(cfg)
-    cfg.MODEL.META_ARCHITECTURE = "SALTNet"
-    cfg.MODEL.BACKBONE.NAME = "build_saltnet_resnet_fpn_backbone"
-    cfg.MODEL.RESNETS.DEPTH = 18
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
-    cfg.MODEL.RESNETS.OUT_FEATURES = ["res3", "res4", "res5"]
-    cfg.MODEL.FPN.IN_FEATURES = ["res3", "res4", "res5"]
-    cfg.MODEL.FPN.OUT_CHANNELS = 32
-    cfg.MODEL.SALTNET.NUM_CLASSES = NUM_CLASSES
-    cfg.MODEL.SALTNET.SALT_ON = salt_on
-    cfg.MODEL.SALTNET.SDR_MODE = sdr_mode
-    cfg.MODEL.DEVICE = "cpu"
-    return cfg
+def salt_model(salt_on=True, sdr_mode="both"):
+    """The tests' tiny SALT-Net (helpers.tiny_model) with these switches, in training mode."""
+    return tiny_model("MODEL.SALTNET.SALT_ON", str(salt_on), "MODEL.SALTNET.SDR_MODE", sdr_mode)
 
 
 def batch(with_boxes=(True, True), size=(96, 128)):
@@ -43,13 +31,6 @@ def batch(with_boxes=(True, True), size=(96, 128)):
         inst = Instances((h, w), gt_boxes=Boxes(boxes[:n]), gt_classes=classes[:n])
         items.append({"image": torch.rand(3, h, w, generator=gen) * 255, "instances": inst})
     return items
-
-
-def build(cfg, seed=0):
-    torch.manual_seed(seed)
-    model = build_model(cfg)
-    model.train()
-    return model
 
 
 def train_steps(model, inputs, steps, lr=0.01):
@@ -105,20 +86,23 @@ def test_head_output_shapes_and_ranges(salt_on):
     head = SALTHead(input_shape=shapes, num_classes=NUM_CLASSES, salt_on=salt_on)
     sizes = [(12, 16), (6, 8), (3, 4), (2, 2), (1, 1)]
     features = [torch.randn(2, 32, h, w) for h, w in sizes]
-    scores, box_logits, coarse, reg_points, cls_points = head(features)
+    outputs = head(features)
+    scores, box_logits, salt = outputs.scores, outputs.box_logits, outputs.salt
     for level, (h, w) in enumerate(sizes):
         assert scores[level].shape == (2, NUM_CLASSES, h, w)
         assert ((scores[level] >= 0) & (scores[level] <= 1)).all()
         assert box_logits[level].shape == (2, 4 * 17, h, w)
         if salt_on:
+            coarse, reg_points, cls_points = salt.coarse, salt.reg_points, salt.cls_points
             assert coarse[level].shape == (2, 4, h, w)
             assert coarse[level].dtype == torch.float32 and (coarse[level] >= 0).all()
             assert reg_points[level].shape == cls_points[level].shape == (2, 18, h, w)
-    assert (coarse is None) == (reg_points is None) == (cls_points is None) == (not salt_on)
+    assert (salt is None) == (not salt_on)
+    assert head.output_groups == list(outputs.groups())
 
 
 def test_forward_backward_reaches_every_parameter():
-    model = build(tiny_cfg())
+    model = salt_model()
     with EventStorage():
         losses = model(batch())
     assert set(losses) == {"loss_qfl", "loss_giou", "loss_dfl", "loss_coarse", "loss_sdr"}
@@ -132,14 +116,14 @@ def test_forward_backward_reaches_every_parameter():
 
 @pytest.mark.parametrize("salt_on", [True, False])
 def test_loss_goes_down_on_a_fixed_batch(salt_on):
-    model = build(tiny_cfg(salt_on=salt_on))
+    model = salt_model(salt_on=salt_on)
     history, _ = train_steps(model, batch(), steps=40)
     assert history[-1] < 0.6 * history[0], history
 
 
 @pytest.mark.parametrize("with_boxes", [(False, False), (True, False)])
 def test_losses_finite_with_images_without_boxes(with_boxes):
-    model = build(tiny_cfg())
+    model = salt_model()
     history, losses = train_steps(model, batch(with_boxes), steps=2)
     for name, value in losses.items():
         assert torch.isfinite(value), name
@@ -158,17 +142,17 @@ def test_sdr_modes_select_coarse_losses():
         "both": {"loss_coarse", "loss_sdr"},
     }
     for mode, names in expected.items():
-        model = build(tiny_cfg(sdr_mode=mode))
+        model = salt_model(sdr_mode=mode)
         with EventStorage():
             losses = model(batch())
         assert set(losses) - {"loss_qfl", "loss_giou", "loss_dfl"} == names, mode
     with pytest.raises(ValueError, match="Unknown SDR mode 'sometimes'"):
-        build(tiny_cfg(sdr_mode="sometimes"))
+        salt_model(sdr_mode="sometimes")
 
 
 def test_perfect_predictions_give_zero_box_losses():
     """Hand-made predictions that decode exactly to the ground truth."""
-    model = build(tiny_cfg())
+    model = salt_model()
     points = torch.tensor([[40.0, 40.0], [8.0, 8.0]])
     strides = torch.tensor([8.0, 8.0])
     gt_boxes = torch.tensor([[[24.0, 16.0, 64.0, 72.0], [0.0, 0.0, 0.0, 0.0]]])
@@ -181,14 +165,15 @@ def test_perfect_predictions_give_zero_box_losses():
     with EventStorage():
         valid = torch.ones(1, 2, dtype=torch.bool)
         losses = model.losses(
-            points, strides, scores, logits.flatten(2), distances, gt_classes, gt_boxes, valid
+            FlatPredictions(scores=scores, box_logits=logits.flatten(2), coarse=distances),
+            AnchorTargets(points, strides, gt_classes=gt_classes, gt_boxes=gt_boxes, valid=valid),
         )
     for name in ("loss_qfl", "loss_giou", "loss_dfl", "loss_coarse", "loss_sdr"):
         assert losses[name].item() == pytest.approx(0.0, abs=1e-5), name
 
 
 def test_inference_returns_instances_in_original_coordinates():
-    model = build(tiny_cfg())
+    model = salt_model()
     train_steps(model, batch(), steps=30)
     model.eval()
     inputs = batch()
@@ -219,7 +204,7 @@ def test_inference_returns_instances_in_original_coordinates():
 
 
 def test_training_under_bfloat16_autocast():
-    model = build(tiny_cfg())
+    model = salt_model()
     with EventStorage(), torch.autocast("cpu", dtype=torch.bfloat16):
         losses = model(batch())
     for name, value in losses.items():
@@ -268,7 +253,5 @@ def test_builds_from_plain_keyword_arguments_with_any_backbone():
 
 
 def test_config_naming_missing_features_fails_clearly():
-    cfg = tiny_cfg()
-    cfg.MODEL.SALTNET.IN_FEATURES = ["p2", "p3"]
     with pytest.raises(ValueError, match=r"IN_FEATURES names \['p2'\]"):
-        build_model(cfg)
+        tiny_model("MODEL.SALTNET.IN_FEATURES", "['p2', 'p3']")

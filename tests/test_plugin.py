@@ -15,14 +15,15 @@ from detectron2.modeling import build_model
 from detectron2.modeling.backbone import BasicStem, ResNet
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
+from helpers import TINY_BACKBONE_OPTS, TINY_CHANNELS, TINY_NUM_CLASSES
 from release_reference import _iou_and_giou
 
 from saltnet.config.defaults import constructor_defaults, get_saltnet_cfg
 from saltnet.modeling import SALTFCOS, SALTFCOSHead, SALTRetinaNet, SALTRetinaNetHead
 from saltnet.modeling.box_coding import aligned_giou
 
-CHANNELS = 32
-NUM_CLASSES = 3
+CHANNELS = TINY_CHANNELS
+NUM_CLASSES = TINY_NUM_CLASSES
 
 
 def small_lazy_model(name: str):
@@ -111,12 +112,7 @@ def test_salt_off_is_detectron2(name):
 def small_yaml_cfg():
     """A YAML config of detectron2's RetinaNet, shrunk as :func:`small_lazy_model`."""
     cfg = get_saltnet_cfg()
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.RESNETS.DEPTH = 18
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
-    cfg.MODEL.RESNETS.OUT_FEATURES = ["res3", "res4", "res5"]
-    cfg.MODEL.FPN.IN_FEATURES = ["res3", "res4", "res5"]
-    cfg.MODEL.FPN.OUT_CHANNELS = CHANNELS
+    cfg.merge_from_list(TINY_BACKBONE_OPTS)
     cfg.MODEL.BACKBONE.NAME = "build_retinanet_resnet_fpn_backbone"
     cfg.MODEL.RETINANET.NUM_CLASSES = NUM_CLASSES
     cfg.MODEL.RETINANET.NUM_CONVS = 2
@@ -175,15 +171,24 @@ def test_salt_on_outputs_losses_and_gradients(name, num_anchors):
     model = instantiate(plugin(small_lazy_model(name), salt_on=True))
     features = [torch.randn(2, CHANNELS, 12 // 2**i + 1, 16 // 2**i + 1) for i in range(5)]
     outputs = model.head(features)
-    assert len(outputs.base) == {"fcos": 3, "retinanet": 2}[name]
-    logits, deltas = outputs.base[:2]
-    per_level = zip(features, logits, deltas, *outputs[1:])
-    for x, lg, dl, c, rp, cp in per_level:
+    assert (outputs.pred_centerness is not None) == (name == "fcos")
+    salt = outputs.salt
+    per_level = zip(
+        features,
+        outputs.pred_logits,
+        outputs.pred_anchor_deltas,
+        salt.coarse,
+        salt.reg_points,
+        salt.cls_points,
+    )
+    for level, (x, lg, dl, c, rp, cp) in enumerate(per_level):
         n, _, h, w = x.shape
         assert lg.shape == (n, num_anchors * NUM_CLASSES, h, w)
         assert dl.shape == (n, num_anchors * 4, h, w)
         assert c.shape == (n, 4, h, w) and c.dtype == torch.float32 and (c >= 0).all()
         assert rp.shape == cp.shape == (n, 18, h, w)
+        if name == "fcos":
+            assert outputs.pred_centerness[level].shape == (n, 1, h, w)
 
     losses = losses_of(model)
     assert "loss_salt_coarse" in losses
@@ -334,7 +339,8 @@ def test_point_sets_of_plugin_detections(name):
         images = model.preprocess_image(inputs)
         features = model.backbone(images.tensor)
         features = [features[f] for f in model.head_in_features]
-        reg_points, cls_points = model.head(features)[-2:]
+        salt = model.head(features).salt
+        reg_points, cls_points = salt.reg_points, salt.cls_points
     strides = model.anchor_generator.strides
     # The anchor centre of each location (FCOS: offset 0.5, RetinaNet: 0).
     num_anchors = model.anchor_generator.num_cell_anchors[0]

@@ -18,7 +18,7 @@ from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.structures import ImageList
 from detectron2.utils.events import EventStorage
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, tiny_model
 from release_reference import (
     release_fpn,
     release_head_level,
@@ -31,6 +31,8 @@ from saltnet.checkpoint.checkpointer import AtomicCheckpointer, CheckpointMismat
 from saltnet.config.defaults import load_yaml_config
 from saltnet.data.mapper import SALTNetDatasetMapper
 from saltnet.layers.batch_norm import FrozenStatsBatchNorm2d
+from saltnet.modeling.head import HeadOutputs
+from saltnet.modeling.salt import SALTPredictions
 
 K = 3  # classes of the tests' models (the release's classifier then has 4 rows)
 
@@ -69,7 +71,7 @@ def assert_detector_matches_release(model, release_sd, c3_c4_c5, image, gn, dcn_
     with torch.no_grad():
         features = model.backbone(normalized)
         outputs = model.head([features[f] for f in model.head_in_features])
-        scores, box_logits, coarse = outputs[:3]
+        scores, box_logits, coarse = outputs.scores, outputs.box_logits, outputs.salt.coarse
         pyramid = release_fpn(release_sd, c3_c4_c5(normalized), gn)
         for level, x in enumerate(pyramid):
             torch.testing.assert_close(features[f"p{level + 3}"], x, rtol=1e-4, atol=1e-4)
@@ -230,14 +232,14 @@ def loss_batch():
     return sizes, instances
 
 
-def quick_model():
-    """The quick config's SALT-Net (defaults: SDR_MODE gt) with K classes."""
-    path = REPO_ROOT / "configs" / "quick_schedule" / "salt_R_18_synthetic.yaml"
-    return build_model(load_yaml_config(str(path), ["MODEL.SALTNET.NUM_CLASSES", str(K)]))
+def head_outputs(scores, box_logits, coarse):
+    """The head's outputs that the losses read (no point sets)."""
+    salt = SALTPredictions(coarse=coarse, reg_points=None, cls_points=None)
+    return HeadOutputs(scores=scores, box_logits=box_logits, salt=salt)
 
 
 def test_losses_and_gradients_equal_the_release():
-    model = quick_model()
+    model = tiny_model("MODEL.SALTNET.NUM_CLASSES", str(K))  # SDR_MODE: the default, gt
     sizes, instances = loss_batch()
     assert [len(i) for i in instances] == [4, 2, 0]  # the crowd box is not a training target
     images = ImageList.from_tensors([torch.zeros(3, h, w) for h, w in sizes], 32)
@@ -250,7 +252,8 @@ def test_losses_and_gradients_equal_the_release():
     inputs = [t.requires_grad_() for t in scores + logits + coarse]
 
     with EventStorage():
-        ours = model.forward_training(images, features, (scores, logits, coarse), instances)
+        predictions = head_outputs(scores, logits, coarse)
+        ours = model.forward_training(images, features, predictions, instances)
     ref = release_losses(
         scores,
         logits,
@@ -279,7 +282,7 @@ def test_losses_and_gradients_equal_the_release():
 
 def test_batch_without_positives_stays_finite():
     """The release divides the box losses by a zero weight sum here (NaN); ours are 0."""
-    model = quick_model()
+    model = tiny_model("MODEL.SALTNET.NUM_CLASSES", str(K))  # SDR_MODE: the default, gt
     _, instances = loss_batch()
     images = ImageList.from_tensors([torch.zeros(3, 90, 50)], 32)
     shapes = [(12, 7), (6, 4), (3, 2), (2, 1), (1, 1)]
@@ -288,7 +291,8 @@ def test_batch_without_positives_stays_finite():
     logits = [torch.zeros(1, 68, h, w, requires_grad=True) for h, w in shapes]
     coarse = [torch.ones(1, 4, h, w, requires_grad=True) for h, w in shapes]
     with EventStorage():
-        losses = model.forward_training(images, features, (scores, logits, coarse), instances[2:])
+        predictions = head_outputs(scores, logits, coarse)
+        losses = model.forward_training(images, features, predictions, instances[2:])
     assert losses["loss_qfl"] > 0
     for name in ("loss_giou", "loss_dfl", "loss_coarse"):
         assert losses[name].item() == 0.0

@@ -1,28 +1,18 @@
 """train_net.py end to end on the CPU: training, --eval-only, --resume, LazyConfig, bad input."""
 
 import importlib.util
-import json
 import math
 import re
 import shutil
 
 import pytest
 from detectron2.engine import default_argument_parser
-from helpers import LAZY_VAL_16, QUICK_PY, QUICK_YAML, REPO_ROOT
+from helpers import LAZY_VAL_16, QUICK_PY, QUICK_YAML, REPO_ROOT, copypaste_ap, metrics_records
 
 
 def _metrics(out_dir):
     """The training records of metrics.json (those with losses; evaluations are separate)."""
-    with open(out_dir / "metrics.json") as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return [r for r in records if "total_loss" in r]
-
-
-def _copypaste_ap(text: str) -> str:
-    """The values of detectron2's ``copypaste: AP,AP50,...`` line (e.g. "1.0,2.5,0.3,0,1.0,nan")."""
-    match = re.search(r"copypaste: AP,AP50,AP75,APs,APm,APl\n.*copypaste: ([-\d.,na]+)", text)
-    assert match, "no AP table in the output"
-    return match.group(1)
+    return [r for r in metrics_records(out_dir) if "total_loss" in r]
 
 
 def _train_net():
@@ -70,10 +60,10 @@ def test_eval_only_prints_ap_table_of_the_checkpoint(quick_train, run_tool, tiny
     assert re.search(r"\|\s+AP\s+\|\s+AP50\s+\|\s+AP75\s+\|", proc.stdout), "no markdown AP table"
     assert f"Loading from {weights}" in proc.stdout
     assert not (tmp_path / "model_final.pth").exists()  # evaluation only, no training
-    ap = _copypaste_ap(proc.stdout)
+    ap = copypaste_ap(proc.stdout)
     assert math.isfinite(float(ap.split(",")[0]))
     # The same weights on the same data: the AP of the training run's final evaluation.
-    assert ap == _copypaste_ap((out / "log.txt").read_text())
+    assert ap == copypaste_ap((out / "log.txt").read_text())
 
 
 @pytest.mark.slow
@@ -106,7 +96,7 @@ def test_lazy_config_trains_and_evaluates(lazy_quick_train, run_tool, tmp_path):
     assert (out / "model_final.pth").is_file()
     assert max(m["iteration"] for m in _metrics(out)) == 7
     assert "eta:" in proc.stdout
-    ap = _copypaste_ap(proc.stdout)  # evaluated with COCOEvaluator
+    ap = copypaste_ap(proc.stdout)  # evaluated with COCOEvaluator
 
     weights = out / "model_final.pth"
     proc = run_tool(
@@ -122,7 +112,7 @@ def test_lazy_config_trains_and_evaluates(lazy_quick_train, run_tool, tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"Loading from {weights}" in proc.stdout
-    assert _copypaste_ap(proc.stdout) == ap
+    assert copypaste_ap(proc.stdout) == ap
 
 
 def test_missing_config_file_is_a_clear_error(run_tool, tmp_path):

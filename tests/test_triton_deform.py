@@ -15,13 +15,11 @@ import sys
 
 import pytest
 import torch
-from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
-from helpers import QUICK_YAML, REPO_ROOT
+from helpers import ONE_IMAGE_OPTS, REPO_ROOT, tiny_model
 from torchvision.ops import deform_conv2d
 
-from saltnet.config.defaults import load_yaml_config
 from saltnet.layers import DeformConv, ModulatedDeformConv
 from saltnet.layers import deform_conv as deform_conv_module
 
@@ -253,13 +251,9 @@ def test_kernels_compile_for_hopper_without_a_gpu(dtype):
 
 
 def _quick_model_grads(backend, state=None):
-    """Losses and parameter gradients of one SALT-Net training step (quick config, one
-    64 x 64 image, FrozenBN) on the given deformable-conv backend."""
-    cfg = load_yaml_config(
-        QUICK_YAML, ["MODEL.RESNETS.NORM", "FrozenBN", "MODEL.SALTNET.DEFORM_BACKEND", backend]
-    )
-    torch.manual_seed(0)
-    model = build_model(cfg).train()
+    """Losses and parameter gradients of one SALT-Net training step (the tests' tiny model, one
+    64 x 64 image) on the given deformable-conv backend."""
+    model = tiny_model(*ONE_IMAGE_OPTS, "MODEL.SALTNET.DEFORM_BACKEND", backend)
     if state is not None:
         model.load_state_dict(state)
     gen = torch.Generator().manual_seed(0)

@@ -5,9 +5,9 @@ normalisation, backbone and head. It takes one batch ``(N, 3, H, W)`` float32 of
 the model's ``INPUT.FORMAT`` (0-255), resized and padded by :func:`pad_images` (H, W multiples of
 the backbone's size divisibility, padding filled with the pixel mean, so that it is 0 after
 normalisation exactly as in :meth:`SALTNet.preprocess_image`), and returns the head's per-level
-tensors as one flat tuple named ``<group>_<level>`` after the fields of
-:class:`~saltnet.modeling.head.HeadOutputs` (``scores_0`` ... ``box_logits_0`` ...; the groups the
-head leaves ``None`` are left out).
+tensors as one flat tuple named ``<group>_<level>`` after the groups of
+:class:`~saltnet.modeling.head.HeadOutputs` (``scores_0`` ... ``box_logits_0`` ...; the SALT groups
+are left out when the head has none).
 
 Post-processing (per-level top-k, score threshold, class-wise NMS, clipping, rescaling to the
 input frame) stays outside the graph: :func:`decode_outputs` rebuilds the head's prediction
@@ -30,7 +30,7 @@ from detectron2.structures import Instances
 from torch import Tensor, nn
 
 from ..config.load import load_config, test_resize
-from ..modeling.head import HeadOutputs
+from ..modeling.head import OUTPUT_GROUPS, HeadOutputs
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -122,11 +122,11 @@ class SALTNetTensorPart(nn.Module):
         model = self.model
         features = model.backbone((images - model.pixel_mean) / model.pixel_std)
         predictions = model.head([features[f] for f in model.head_in_features])
-        return tuple(x for group in model.head.output_groups for x in getattr(predictions, group))
+        return tuple(x for group in predictions.groups().values() for x in group)
 
 
 def head_output_names(model: nn.Module) -> List[str]:
-    """``<group>_<level>`` for every tensor the head returns: the :class:`HeadOutputs` fields it
+    """``<group>_<level>`` for every tensor the head returns: the :class:`HeadOutputs` groups it
     fills (``SALTHead.output_groups``), level after level."""
     levels = range(len(model.head_in_features))
     return [f"{group}_{level}" for group in model.head.output_groups for level in levels]
@@ -165,12 +165,12 @@ def decode_outputs(
     """
     by_name = {name: torch.as_tensor(x) for name, x in zip(output_names, outputs)}
     groups = {name.rsplit("_", 1)[0] for name in by_name}
-    unknown = sorted(groups - set(HeadOutputs._fields))
+    unknown = sorted(groups - set(OUTPUT_GROUPS))
     if unknown:
         raise ValueError(f"{unknown} are no output groups of an exported SALT-Net.")
     levels = range(len(model.head_in_features))
-    predictions = HeadOutputs(
-        **{group: [by_name[f"{group}_{level}"] for level in levels] for group in groups}
+    predictions = HeadOutputs.from_groups(
+        {group: [by_name[f"{group}_{level}"] for level in levels] for group in groups}
     )
     results = model.decode(predictions, list(image_sizes))
     output_sizes = image_sizes if output_sizes is None else output_sizes

@@ -7,7 +7,7 @@ order of a deformable-conv kernel (0 top-left, 4 centre, 8 bottom-right).
 """
 
 import math
-from typing import List, NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
 from detectron2.config import configurable
@@ -16,26 +16,39 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..layers import ModulatedDeformConv
-from .salt import SALTOperator, conv_norm_relu, normal_init_
+from .dense_utils import conv_norm_relu, normal_init_
+from .salt import SALTOperator, SALTPredictions
 
-__all__ = ["HeadOutputs", "SALTHead"]
+__all__ = ["OUTPUT_GROUPS", "HeadOutputs", "SALTHead"]
 
 
 class HeadOutputs(NamedTuple):
     """What :class:`SALTHead` returns: per-level lists, level i of N images and Hi x Wi
-    locations. The SALT groups are ``None`` for the plain head (``salt_on=False``)."""
+    locations (:meth:`SALTHead.forward_level`: one level's tensors)."""
 
     # (N, K, Hi, Wi) joint class scores in [0, 1] = sigmoid(class logit) x quality (float32).
     scores: List[torch.Tensor]
     # (N, 4 x (reg_max + 1), Hi, Wi) refined box-distribution logits, sides left, top, right,
     # bottom, bins in stride units (float32).
     box_logits: List[torch.Tensor]
-    # (N, 4, Hi, Wi) coarse side distances, stride units (float32).
-    coarse: Optional[List[torch.Tensor]] = None
-    # (N, 18, Hi, Wi) the SALT operator's regression / classification sampling points: nine
-    # (y, x) pairs in stride units from the anchor point (float32; module doc).
-    reg_points: Optional[List[torch.Tensor]] = None
-    cls_points: Optional[List[torch.Tensor]] = None
+    # The SALT operator's coarse box and point sets; None for the plain head (salt_on=False).
+    salt: Optional[SALTPredictions] = None
+
+    def groups(self) -> Dict[str, List[torch.Tensor]]:
+        """The groups the head filled, by name, in the order of :data:`OUTPUT_GROUPS`."""
+        groups = {"scores": self.scores, "box_logits": self.box_logits}
+        return groups if self.salt is None else {**groups, **self.salt._asdict()}
+
+    @classmethod
+    def from_groups(cls, groups: Dict[str, List[torch.Tensor]]) -> "HeadOutputs":
+        """The inverse of :meth:`groups`."""
+        salt = {name: groups[name] for name in SALTPredictions._fields if name in groups}
+        salt = SALTPredictions(**salt) if salt else None
+        return cls(scores=groups["scores"], box_logits=groups["box_logits"], salt=salt)
+
+
+# The names of the head's output groups (:meth:`HeadOutputs.groups`), the SALT ones last.
+OUTPUT_GROUPS = ("scores", "box_logits") + SALTPredictions._fields
 
 
 class _ModulatedDeformTowerConv(nn.Module):
@@ -153,26 +166,30 @@ class SALTHead(nn.Module):
 
     @property
     def output_groups(self) -> List[str]:
-        """The fields of :class:`HeadOutputs` that :meth:`forward` fills (not ``None``)."""
-        return list(HeadOutputs._fields if self.salt_on else HeadOutputs._fields[:2])
+        """The names of the groups :meth:`forward` fills (:data:`OUTPUT_GROUPS`)."""
+        return list(OUTPUT_GROUPS if self.salt_on else OUTPUT_GROUPS[:2])
 
     def forward(self, features: List[torch.Tensor]) -> HeadOutputs:
         if len(features) != self.num_levels:
             raise ValueError(f"SALTHead built for {self.num_levels} levels, got {len(features)}.")
         levels = [self.forward_level(x, level) for level, x in enumerate(features)]
-        return HeadOutputs(*(list(group) for group in zip(*levels)))
+        salt = SALTPredictions.over_levels([o.salt for o in levels]) if self.salt_on else None
+        return HeadOutputs(
+            scores=[o.scores for o in levels], box_logits=[o.box_logits for o in levels], salt=salt
+        )
 
-    def forward_level(self, x: torch.Tensor, level: int) -> tuple:
-        """One level: its tensors of the :meth:`output_groups`, in that order."""
+    def forward_level(self, x: torch.Tensor, level: int) -> HeadOutputs:
+        """One level: a :class:`HeadOutputs` of this level's tensors (not lists)."""
         cls_feat = self.cls_tower(x)
         reg_feat = self.reg_tower(x)
-        salt = ()
+        salt = None
         if self.salt_on:
-            cls_feat, reg_feat, *salt = self.salt(cls_feat, reg_feat, x, level)
+            sampled = self.salt(cls_feat, reg_feat, x, level)
+            cls_feat, reg_feat, salt = sampled.cls_feat, sampled.reg_feat, sampled.salt
         box_logits = self.bbox_pred(reg_feat).float() * self.bbox_scales[level].float()
         quality = self.quality(self._distribution_statistics(box_logits).to(x.dtype)).sigmoid()
         scores = self.cls_score(cls_feat).float().sigmoid() * quality.float()
-        return (scores, box_logits, *salt)
+        return HeadOutputs(scores=scores, box_logits=box_logits, salt=salt)
 
     def _distribution_statistics(self, box_logits: torch.Tensor) -> torch.Tensor:
         """(N, 4 x (reg_max + 1), H, W) logits -> (N, 4 x (topk [+ 1]), H, W) DGQP input."""

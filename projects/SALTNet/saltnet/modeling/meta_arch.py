@@ -1,7 +1,7 @@
 """SALT-Net as a detectron2 meta-architecture (a :class:`DenseDetector` subclass)."""
 
 import logging
-from typing import Dict, List, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -10,10 +10,8 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.structures import Boxes, Instances
-from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import Tensor
-from torch import distributed as dist
 
 from .atss import atss_assign, inside_padded_images
 from .box_coding import (
@@ -22,15 +20,34 @@ from .box_coding import (
     distances_to_boxes,
     distribution_to_distances,
 )
+from .dense_utils import anchor_points, reduce_mean
 from .head import HeadOutputs, SALTHead
 from .losses import distribution_focal_loss, giou_loss, quality_focal_loss
 from .point_sets import PointSetOutputs
 
-__all__ = ["SALTNet", "SDR_MODES"]
+__all__ = ["AnchorTargets", "FlatPredictions", "SALTNet", "SDR_MODES"]
 
 logger = logging.getLogger(__name__)
 
 SDR_MODES = ("none", "gt", "distill", "both")
+
+
+class FlatPredictions(NamedTuple):
+    """The head's outputs with every level's locations in one dimension: R = sum of Hi x Wi."""
+
+    scores: Tensor  # (N, R, K) joint scores
+    box_logits: Tensor  # (N, R, 4 x (reg_max + 1)) refined box-distribution logits
+    coarse: Optional[Tensor]  # (N, R, 4) coarse distances in stride units; None: plain head
+
+
+class AnchorTargets(NamedTuple):
+    """The anchor points of all levels (R of them) and what each is trained toward."""
+
+    points: Tensor  # (R, 2) xy anchor points, pixels
+    strides: Tensor  # (R,) their strides, pixels
+    gt_classes: Tensor  # (N, R) ATSS labels, K = background
+    gt_boxes: Tensor  # (N, R, 4) matched ground-truth boxes, XYXY pixels
+    valid: Tensor  # (N, R) bool, anchors inside their image's own padded area
 
 
 def head_input_shapes(backbone, in_features: List[str]) -> List[ShapeSpec]:
@@ -42,29 +59,6 @@ def head_input_shapes(backbone, in_features: List[str]) -> List[ShapeSpec]:
         problem = f"names {missing}, which the backbone does not yield" if missing else "is empty"
         raise ValueError(f"MODEL.SALTNET.IN_FEATURES {problem}; it yields {sorted(shapes)}.")
     return [shapes[f] for f in in_features]
-
-
-def anchor_points(anchors: List[Boxes], strides: List[int]) -> Tuple[Tensor, Tensor]:
-    """The anchors' centres (R, 2) xy in pixels and the stride (R,) of each (float32, pixels),
-    all levels concatenated; ``strides`` per level."""
-    points = cat([a.get_centers() for a in anchors], dim=0)
-    per_anchor = [points.new_full((len(a),), float(s)) for a, s in zip(anchors, strides)]
-    return points, cat(per_anchor)
-
-
-def reduce_mean(tensor: Tensor) -> Tensor:
-    """Average a tensor over all workers (no-op in a single process); no host sync.
-
-    SALT-Net's loss normalisers (positive counts, quality-weight sums) are this batch's, averaged
-    over workers, as in the authors' release. Not ``DenseDetector._ema_update`` (detectron2's
-    FCOS / RetinaNet), which smooths the positive count over iterations (momentum 0.9): that is
-    another normalisation than the release's, and would give another loss scale per batch.
-    """
-    if comm.get_world_size() > 1:
-        tensor = tensor.clone()
-        dist.all_reduce(tensor)
-        tensor = tensor / comm.get_world_size()
-    return tensor
 
 
 @META_ARCH_REGISTRY.register()
@@ -180,17 +174,14 @@ class SALTNet(PointSetOutputs, DenseDetector):
     # ----------------------------------------------------------------------------------------
     # Training
     # ----------------------------------------------------------------------------------------
-    def _flatten_predictions(self, predictions: HeadOutputs):
-        """Head outputs -> (N, R, K) scores, (N, R, 4 (reg_max + 1)) logits and (N, R, 4) coarse
-        distances (or None), R = all locations of all levels. ``predictions``: a
-        :class:`HeadOutputs`, or a tuple of its fields in their order."""
-        predictions = HeadOutputs(*predictions)
+    def _flatten_predictions(self, predictions: HeadOutputs) -> FlatPredictions:
+        """The head's per-level outputs with all levels' locations in one dimension."""
         groups = [predictions.scores, predictions.box_logits]
         dims = [self.num_classes, 4 * (self.reg_max + 1)]
-        if predictions.coarse is not None:
-            groups, dims = groups + [predictions.coarse], dims + [4]
+        if predictions.salt is not None:
+            groups, dims = groups + [predictions.salt.coarse], dims + [4]
         flat = [cat(g, dim=1) for g in self._transpose_dense_predictions(groups, dims)]
-        return flat[0], flat[1], (flat[2] if len(flat) == 3 else None)
+        return FlatPredictions(flat[0], flat[1], coarse=flat[2] if len(flat) == 3 else None)
 
     @torch.no_grad()
     def label_anchors(self, anchors: List[Boxes], gt_instances: List[Instances], valid: Tensor):
@@ -216,8 +207,8 @@ class SALTNet(PointSetOutputs, DenseDetector):
             gt_boxes.append(matched_boxes)
         return torch.stack(gt_classes), torch.stack(gt_boxes)
 
-    def forward_training(self, images, features, predictions, gt_instances):
-        scores, box_logits, coarse = self._flatten_predictions(predictions)
+    def forward_training(self, images, features, predictions: HeadOutputs, gt_instances):
+        flat = self._flatten_predictions(predictions)
         anchors = self.anchor_generator(features)
         # The release's valid flags: points outside an image's own padded area (size rounded up
         # to 32) are neither ATSS candidates nor counted in any loss.
@@ -225,25 +216,13 @@ class SALTNet(PointSetOutputs, DenseDetector):
             images.image_sizes,
             [f.shape[-2:] for f in features],
             self.strides,
-            device=scores.device,
+            device=flat.scores.device,
         )
         gt_classes, gt_boxes = self.label_anchors(anchors, gt_instances, valid)
         points, strides = anchor_points(anchors, self.strides)
-        return self.losses(
-            points, strides, scores, box_logits, coarse, gt_classes, gt_boxes, valid
-        )
+        return self.losses(flat, AnchorTargets(points, strides, gt_classes, gt_boxes, valid))
 
-    def losses(
-        self,
-        points: Tensor,
-        strides: Tensor,
-        scores: Tensor,
-        box_logits: Tensor,
-        coarse: Tensor,
-        gt_classes: Tensor,
-        gt_boxes: Tensor,
-        valid: Tensor,
-    ) -> Dict[str, Tensor]:
+    def losses(self, predictions: FlatPredictions, targets: AnchorTargets) -> Dict[str, Tensor]:
         """All SALT-Net losses, in float32, over all anchors at once (masks, no indexing).
 
         As the authors' release computes them: QFL over the valid anchors, normalised by the sum
@@ -254,15 +233,10 @@ class SALTNet(PointSetOutputs, DenseDetector):
         positives; here it is clamped, so such a batch gives 0). One difference remains: the
         release's weight is the maximum over K + 1 score columns (its background column
         included), ours over the K classes.
-
-        Args:
-            points: (R, 2) anchor points, pixels; strides: (R,) their strides, pixels.
-            scores: (N, R, K) joint scores; box_logits: (N, R, 4 x (reg_max + 1));
-            coarse: (N, R, 4) coarse distances in stride units, or None (plain head).
-            gt_classes: (N, R) labels, K = background; gt_boxes: (N, R, 4) XYXY pixels.
-            valid: (N, R) bool, anchors inside their image's own padded area.
         """
-        scores, box_logits, gt_boxes = scores.float(), box_logits.float(), gt_boxes.float()
+        points, strides, gt_classes = targets.points, targets.strides, targets.gt_classes
+        scores, box_logits = predictions.scores.float(), predictions.box_logits.float()
+        gt_boxes, valid, coarse = targets.gt_boxes.float(), targets.valid, predictions.coarse
         pos = (gt_classes >= 0) & (gt_classes < self.num_classes)
         pos_per_image = pos.sum(dim=1)
         get_event_storage().put_scalar(
@@ -320,9 +294,7 @@ class SALTNet(PointSetOutputs, DenseDetector):
     def decode(self, predictions: HeadOutputs, image_sizes: List[Tuple[int, int]]):
         """Detections of each image (:meth:`inference_single_image`) from the head's outputs;
         ``image_sizes``: each image's (height, width) in the batch. Their point sets, with
-        ``output_point_sets``, are in pixels of the network's input. ``predictions``: a
-        :class:`HeadOutputs`, or a tuple of its fields in their order."""
-        predictions = HeadOutputs(*predictions)
+        ``output_point_sets``, are in pixels of the network's input."""
         groups = self._transpose_dense_predictions(
             [predictions.scores, predictions.box_logits],
             [self.num_classes, 4 * (self.reg_max + 1)],
@@ -334,8 +306,7 @@ class SALTNet(PointSetOutputs, DenseDetector):
             for i, image_size in enumerate(image_sizes)
         ]
         if self.output_point_sets:
-            point_sets = (predictions.reg_points, predictions.cls_points)
-            self.attach_point_sets(results, point_sets, centers, self.strides)
+            self.attach_point_sets(results, predictions.salt, centers, self.strides)
         return results
 
     def inference_single_image(self, centers, predictions, image_size) -> Instances:

@@ -25,7 +25,7 @@ RetinaNet: ``(j, i) x stride``; its FCOS: ``(j + 0.5, i + 0.5) x stride``).
 """
 
 import logging
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
 from detectron2.config import configurable
@@ -38,15 +38,16 @@ from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from detectron2.structures import Boxes, Instances
 
 from .box_coding import distances_to_boxes
+from .dense_utils import anchor_points, normal_init_
 from .losses import giou_loss
-from .meta_arch import anchor_points
 from .point_sets import PointSetOutputs
-from .salt import SALTOperator, SALTOutput, normal_init_
+from .salt import SALTOperator, SALTOutput, SALTPredictions
 
 __all__ = [
     "PluginHeadOutputs",
     "SALTFCOS",
     "SALTFCOSHead",
+    "SALTHeadMixin",
     "SALTRetinaNet",
     "SALTRetinaNetHead",
 ]
@@ -56,25 +57,29 @@ logger = logging.getLogger(__name__)
 
 class PluginHeadOutputs(NamedTuple):
     """What a plug-in head returns with SALT on: per-level lists, level i of N images and
-    Hi x Wi locations (A anchors each)."""
+    Hi x Wi locations (A anchors each); the first fields named as detectron2's detectors name
+    its head's outputs."""
 
-    # detectron2's head's groups: logits (N, A x K, Hi, Wi), deltas (N, A x 4, Hi, Wi) and, for
-    # FCOS, centerness logits (N, 1, Hi, Wi).
-    base: Tuple[List[torch.Tensor], ...]
-    # (N, 4, Hi, Wi) float32 coarse (left, top, right, bottom), stride units.
-    coarse: List[torch.Tensor]
-    # (N, 18, Hi, Wi) nine (y, x) regression / classification points, stride units.
-    reg_points: List[torch.Tensor]
-    cls_points: List[torch.Tensor]
+    pred_logits: List[torch.Tensor]  # (N, A x K, Hi, Wi) class logits
+    pred_anchor_deltas: List[torch.Tensor]  # (N, A x 4, Hi, Wi) box deltas
+    salt: SALTPredictions  # the SALT operator's coarse boxes and point sets (shared by A)
+    pred_centerness: Optional[List[torch.Tensor]] = None  # FCOS: (N, 1, Hi, Wi) logits
+
+    def dense_predictions(self) -> List[List[torch.Tensor]]:
+        """detectron2's head outputs, as its detectors take them: [logits, deltas] (RetinaNet),
+        [logits, deltas, centerness] (FCOS)."""
+        groups = [self.pred_logits, self.pred_anchor_deltas]
+        return groups if self.pred_centerness is None else groups + [self.pred_centerness]
 
 
-class SALTRetinaNetHead(RetinaNetHead):
-    """detectron2's :class:`RetinaNetHead`, with the SALT operator if ``salt_on``.
+class SALTHeadMixin:
+    """What the SALT plug-in adds to a detectron2 dense head (:class:`RetinaNetHead`,
+    :class:`FCOSHead`): the SALT operator between the towers and the predictors, if ``salt_on``.
 
-    ``forward(features)`` returns detectron2's lists (logits, deltas) without SALT, a
-    :class:`PluginHeadOutputs` with it.
+    ``forward(features)`` returns detectron2's lists without SALT, a :class:`PluginHeadOutputs`
+    with it.
 
-    Args (besides :class:`RetinaNetHead`'s):
+    Args (besides the head's):
         salt_on: add the SALT operator (needs ``conv_dims[-1]`` = the input channels, for its
             residual connection).
         salt_norm: the norm of the SALT operator's convs ("GN" as in SALT-Net).
@@ -105,6 +110,30 @@ class SALTRetinaNetHead(RetinaNetHead):
         self.salt = SALTOperator(channels.pop(), len(input_shape), salt_norm, deform_backend)
         normal_init_(self.salt.modules())
 
+    def forward(self, features: List[torch.Tensor]):
+        if not self.salt_on:
+            return super().forward(features)
+        if len(features) != self._num_features:
+            raise ValueError(f"Head built for {self._num_features} levels, got {len(features)}.")
+        sampled = [
+            self.salt(self.cls_subnet(x), self.bbox_subnet(x), x, level)
+            for level, x in enumerate(features)
+        ]
+        return self.predict(sampled)
+
+    def predict(self, sampled: List[SALTOutput]) -> PluginHeadOutputs:
+        """detectron2's predictors on the SALT-sampled features of each level: the class logits
+        from the classification features, the box deltas from the regression features."""
+        return PluginHeadOutputs(
+            pred_logits=[self.cls_score(s.cls_feat) for s in sampled],
+            pred_anchor_deltas=[self.bbox_pred(s.reg_feat) for s in sampled],
+            salt=SALTPredictions.over_levels([s.salt for s in sampled]),
+        )
+
+
+class SALTRetinaNetHead(SALTHeadMixin, RetinaNetHead):
+    """detectron2's :class:`RetinaNetHead` with the SALT operator (:class:`SALTHeadMixin`)."""
+
     @classmethod
     def from_config(cls, cfg, input_shape):
         return {
@@ -114,44 +143,20 @@ class SALTRetinaNetHead(RetinaNetHead):
             "deform_backend": cfg.MODEL.SALTNET.DEFORM_BACKEND,
         }
 
-    def forward(self, features: List[torch.Tensor]):
-        if not self.salt_on:
-            return super().forward(features)
-        if len(features) != self._num_features:
-            raise ValueError(f"Head built for {self._num_features} levels, got {len(features)}.")
-        salt = [
-            self.salt(self.cls_subnet(x), self.bbox_subnet(x), x, level)
-            for level, x in enumerate(features)
-        ]
-        groups = ([getattr(s, g) for s in salt] for g in PluginHeadOutputs._fields[1:])
-        return PluginHeadOutputs(self.predict(salt), *groups)
 
-    def predict(self, salt: List[SALTOutput]):
-        """detectron2's predictors on the SALT-sampled features, per level: (logits, deltas)."""
-        logits = [self.cls_score(s.cls_feat) for s in salt]
-        return logits, [self.bbox_pred(s.reg_feat) for s in salt]
+class SALTFCOSHead(SALTHeadMixin, FCOSHead):
+    """detectron2's :class:`FCOSHead` with the SALT operator (:class:`SALTHeadMixin`), the
+    centerness predicted from the regression features."""
 
-
-class SALTFCOSHead(SALTRetinaNetHead, FCOSHead):
-    """detectron2's :class:`FCOSHead`, with the SALT operator if ``salt_on``: as
-    :class:`SALTRetinaNetHead` (A = 1), the centerness predicted from the regression features."""
-
-    def predict(self, salt: List[SALTOutput]):
-        logits, deltas = super().predict(salt)
-        return logits, deltas, [self.ctrness(s.reg_feat) for s in salt]
+    def predict(self, sampled: List[SALTOutput]) -> PluginHeadOutputs:
+        centerness = [self.ctrness(s.reg_feat) for s in sampled]
+        return super().predict(sampled)._replace(pred_centerness=centerness)
 
 
 class _SALTPlugin(PointSetOutputs):
     """What the SALT plug-in adds to a detectron2 dense detector (RetinaNet, FCOS): the coarse-box
     loss, where each detection was decoded (``pred_levels``, ``pred_locations``), and the point
     sets (``output_point_sets``, see :class:`PointSetOutputs`)."""
-
-    @staticmethod
-    def _split_predictions(predictions):
-        """(detectron2's prediction groups, the :class:`PluginHeadOutputs` or None)."""
-        if isinstance(predictions, PluginHeadOutputs):
-            return predictions.base, predictions
-        return predictions, None
 
     def coarse_loss(self, anchors: List[Boxes], coarse, gt_labels, gt_boxes) -> torch.Tensor:
         """``loss_salt_coarse`` (module doc), float32. ``coarse``: per level (N, 4, Hi, Wi);
@@ -174,35 +179,33 @@ class _SALTPlugin(PointSetOutputs):
         raise NotImplementedError
 
     def forward_inference(self, images, features, predictions):
-        predictions, salt = self._split_predictions(predictions)
+        salt = None
+        if isinstance(predictions, PluginHeadOutputs):
+            predictions, salt = predictions.dense_predictions(), predictions.salt
         results = super().forward_inference(images, features, predictions)
         if self.output_point_sets:
             num_anchors = self.anchor_generator.num_cell_anchors[0]
             centers = [a.get_centers()[::num_anchors] for a in self.anchor_generator(features)]
-            point_sets = (salt.reg_points, salt.cls_points) if salt else (None, None)
-            self.attach_point_sets(results, point_sets, centers, self.anchor_generator.strides)
+            self.attach_point_sets(results, salt, centers, self.anchor_generator.strides)
         return results
 
     def forward_training(self, images, features, predictions, gt_instances):
-        predictions, salt = self._split_predictions(predictions)
-        if salt is None:
+        if not isinstance(predictions, PluginHeadOutputs):  # SALT off: detectron2's detector
             return super().forward_training(images, features, predictions, gt_instances)
-        # Channels per anchor of detectron2's groups: logits, deltas[, FCOS's centerness].
-        dims = [self.num_classes, 4, 1][: len(predictions)]
-        pred_logits, pred_deltas, *centerness = self._transpose_dense_predictions(predictions, dims)
         anchors = self.anchor_generator(features)
         gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
-        return self.losses(
-            anchors, pred_logits, gt_labels, pred_deltas, gt_boxes, *centerness, coarse=salt.coarse
-        )
-
-    def losses(self, anchors, pred_logits, gt_labels, pred_deltas, gt_boxes, *rest, coarse=None):
-        """detectron2's losses (``rest``: FCOS's centerness) and, given ``coarse`` (the head's),
-        ``loss_salt_coarse``, computed after them (RetinaNet's reads the normaliser they update)."""
-        losses = super().losses(anchors, pred_logits, gt_labels, pred_deltas, gt_boxes, *rest)
-        if coarse is not None:
-            losses["loss_salt_coarse"] = self.coarse_loss(anchors, coarse, gt_labels, gt_boxes)
+        losses = self.head_losses(anchors, predictions, gt_labels, gt_boxes)
+        # After detectron2's losses: RetinaNet's coarse loss reads the normaliser they update.
+        coarse = predictions.salt.coarse
+        losses["loss_salt_coarse"] = self.coarse_loss(anchors, coarse, gt_labels, gt_boxes)
         return losses
+
+    def head_losses(
+        self, anchors, predictions: PluginHeadOutputs, gt_labels, gt_boxes
+    ) -> Dict[str, torch.Tensor]:
+        """detectron2's losses (its :meth:`losses`) of the head's detectron2 outputs;
+        ``gt_labels`` / ``gt_boxes`` as ``label_anchors`` gives them."""
+        raise NotImplementedError
 
     def _decode_multi_level_predictions(
         self, anchors, pred_scores, pred_deltas, score_thresh, topk_candidates, image_size
@@ -269,6 +272,12 @@ class SALTRetinaNet(_SALTPlugin, RetinaNet):
         ret["loss_coarse_weight"] = cfg.MODEL.RETINANET.SALT_COARSE_LOSS_WEIGHT
         return ret
 
+    def head_losses(self, anchors, predictions, gt_labels, gt_boxes):
+        logits, deltas = self._transpose_dense_predictions(
+            predictions.dense_predictions(), [self.num_classes, 4]
+        )
+        return self.losses(anchors, logits, gt_labels, deltas, gt_boxes)
+
     def _coarse_weights(self, anchors, gt_boxes, positive):
         """Every positive 1, over the EMA of the positive count that ``losses`` updates."""
         return positive.float(), self.loss_normalizer
@@ -283,13 +292,21 @@ class SALTFCOS(_SALTPlugin, FCOS):
         super().__init__(**kwargs)
         self.loss_coarse_weight = loss_coarse_weight
 
-    def losses(self, anchors, pred_logits, gt_labels, pred_deltas, gt_boxes, *rest, coarse=None):
-        """As :meth:`_SALTPlugin.losses`, the box deltas in float32: detectron2's FCOS decodes
-        them in their own dtype, and fvcore's ``giou_loss`` cannot mix float16/bfloat16 boxes
-        (autocast) with float32 targets. A no-op on float32 deltas."""
-        pred_deltas = [d.float() for d in pred_deltas]
+    def head_losses(self, anchors, predictions, gt_labels, gt_boxes):
+        logits, deltas, centerness = self._transpose_dense_predictions(
+            predictions.dense_predictions(), [self.num_classes, 4, 1]
+        )
+        return self.losses(anchors, logits, gt_labels, deltas, gt_boxes, centerness)
+
+    def losses(
+        self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes, pred_centerness
+    ):
+        """detectron2's, the box deltas in float32: detectron2's FCOS decodes them in their own
+        dtype, and fvcore's ``giou_loss`` cannot mix float16/bfloat16 boxes (autocast) with
+        float32 targets. A no-op on float32 deltas."""
+        pred_anchor_deltas = [d.float() for d in pred_anchor_deltas]
         return super().losses(
-            anchors, pred_logits, gt_labels, pred_deltas, gt_boxes, *rest, coarse=coarse
+            anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes, pred_centerness
         )
 
     def _coarse_weights(self, anchors, gt_boxes, positive):

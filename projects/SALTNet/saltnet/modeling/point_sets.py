@@ -69,20 +69,21 @@ class PointSetOutputs:
                 instances.set(name, instances.get(name) * scale)
         return outputs
 
-    def attach_point_sets(self, results, point_sets, centers, strides) -> None:
+    def attach_point_sets(self, results, salt, centers, strides) -> None:
         """Set the point-set fields of each image's detections (in place).
 
         ``results``: per image :class:`Instances` with ``pred_levels`` / ``pred_locations``;
-        ``point_sets``: the head's two per-level lists (N, 18, Hi, Wi) (regression,
-        classification); ``centers`` / ``strides``: per level (Hi x Wi, 2) pixels / pixels.
+        ``salt``: the head's :class:`~.salt.SALTPredictions` (per-level lists, (N, 18, Hi, Wi)
+        point maps), None for a head without SALT; ``centers`` / ``strides``: per level
+        (Hi x Wi, 2) pixels / pixels.
         """
-        if point_sets[0] is None:
+        if salt is None:
             raise ValueError(
                 "output_point_sets needs the SALT operator's point sets; this head runs without "
                 "SALT (SALT_ON False)."
             )
         for i, instances in enumerate(results):
-            for name, per_level in zip(POINT_SET_FIELDS, point_sets):
+            for name, per_level in zip(POINT_SET_FIELDS, (salt.reg_points, salt.cls_points)):
                 flat = [p[i].flatten(1).t() for p in per_level]  # (Hi x Wi, 18) per level
                 instances.set(
                     name,

@@ -142,6 +142,10 @@ class DeformBottleneckBlock(CNNBlockBase):
 def build_saltnet_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
     """detectron2's ``build_resnet_backbone`` with :class:`DeformBottleneckBlock` from here.
 
+    Restated, not called: detectron2's builder takes no block class (it names its own
+    ``DeformBottleneckBlock``, which cannot be built without detectron2's compiled ops), and
+    ``ResNet.make_default_stages`` fixes the widths (no ResNeXt) and takes one block for all stages.
+
     Reads ``MODEL.RESNETS.*`` (DEPTH, NUM_GROUPS, WIDTH_PER_GROUP, STEM_OUT_CHANNELS,
     RES2_OUT_CHANNELS, STRIDE_IN_1X1, RES5_DILATION, DEFORM_ON_PER_STAGE, DEFORM_MODULATED,
     DEFORM_NUM_GROUPS, NORM, OUT_FEATURES) and ``MODEL.BACKBONE.FREEZE_AT`` exactly as detectron2

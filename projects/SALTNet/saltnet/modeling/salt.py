@@ -11,21 +11,21 @@ measured from the location's anchor point. Points and offsets are (y, x) pairs, 
 order of a deformable-conv kernel (0 top-left, 4 centre, 8 bottom-right).
 """
 
-from typing import Iterable, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
-from detectron2.layers import Conv2d, get_norm
+from detectron2.layers import get_norm
 from torch import nn
 from torch.nn import functional as F
 
-from ..layers import DeformConv, ModulatedDeformConv
+from ..layers import DeformConv
+from .dense_utils import conv_norm_relu
 
 __all__ = [
     "KERNEL_GRID",
     "SALTOperator",
     "SALTOutput",
-    "conv_norm_relu",
-    "normal_init_",
+    "SALTPredictions",
     "place_points",
 ]
 
@@ -81,29 +81,6 @@ def place_points(distances: torch.Tensor, factors: torch.Tensor) -> torch.Tensor
     return torch.stack([ys, xs], dim=2).flatten(1, 2)
 
 
-def conv_norm_relu(in_channels: int, channels: int, norm: str, bias: bool) -> Conv2d:
-    """conv3x3 + norm + ReLU."""
-    return Conv2d(
-        in_channels,
-        channels,
-        kernel_size=3,
-        padding=1,
-        bias=bias,
-        norm=get_norm(norm, channels),
-        activation=F.relu,
-    )
-
-
-def normal_init_(modules: Iterable[nn.Module], std: float = 0.01) -> None:
-    """The dense heads' initialisation: every conv and deformable conv among ``modules`` gets
-    weights ~ N(0, std) and zero biases (in the order given, which fixes the random draws)."""
-    for module in modules:
-        if isinstance(module, (nn.Conv2d, DeformConv, ModulatedDeformConv)):
-            nn.init.normal_(module.weight, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-
-
 def _deform_conv_norm_relu(channels: int, norm: str, backend: Optional[str]) -> DeformConv:
     """Deformable conv3x3 (no bias) + norm + ReLU: SALT's point-sampling conv."""
     return DeformConv(
@@ -117,14 +94,27 @@ def _deform_conv_norm_relu(channels: int, norm: str, backend: Optional[str]) -> 
     )
 
 
+class SALTPredictions(NamedTuple):
+    """What the SALT operator predicts, in stride units from the anchor point (module doc): for
+    one level (:class:`SALTOperator`) each field is an (N, C, H, W) tensor; in the heads' outputs
+    (``HeadOutputs``, ``PluginHeadOutputs``) a list of them over the levels."""
+
+    coarse: Any  # (N, 4, H, W) float32 coarse side distances (left, top, right, bottom)
+    reg_points: Any  # (N, 18, H, W) nine (y, x) regression points
+    cls_points: Any  # (N, 18, H, W) nine (y, x) classification points
+
+    @classmethod
+    def over_levels(cls, levels: Sequence["SALTPredictions"]) -> "SALTPredictions":
+        """The levels' predictions as one, each field the list of the levels' tensors."""
+        return cls(**{field: [getattr(p, field) for p in levels] for field in cls._fields})
+
+
 class SALTOutput(NamedTuple):
     """What :class:`SALTOperator` gives for one level; N images, C channels, H x W locations."""
 
     cls_feat: torch.Tensor  # (N, C, H, W) classification features sampled at cls_points
     reg_feat: torch.Tensor  # (N, C, H, W) regression features sampled at reg_points
-    coarse: torch.Tensor  # (N, 4, H, W) float32 coarse (left, top, right, bottom), stride units
-    reg_points: torch.Tensor  # (N, 18, H, W) (y, x) regression points, stride units
-    cls_points: torch.Tensor  # (N, 18, H, W) (y, x) classification points, stride units
+    salt: SALTPredictions  # this level's coarse box and point sets
 
 
 class SALTOperator(nn.Module):
@@ -132,10 +122,11 @@ class SALTOperator(nn.Module):
 
     ``forward(cls_feat, reg_feat, x, level)`` takes the two tower outputs and the tower input
     ``x`` (the FPN map, added to the classification features as a residual), all (N, C, H, W),
-    and returns a :class:`SALTOutput`. Its owner initialises it (:func:`normal_init_`, in the
-    owner's order of random draws). The coarse box is ReLU(conv) times a learnable scale per
-    level; the 14 shape factors are sigmoids (see :func:`place_points`); the classification
-    points are the (detached) regression points rescaled point by point by exp(conv).
+    and returns a :class:`SALTOutput`. Its owner initialises it
+    (:func:`~.dense_utils.normal_init_`, in the owner's order of random draws). The coarse box
+    is ReLU(conv) times a learnable scale per level; the 14 shape factors are sigmoids (see
+    :func:`place_points`); the classification points are the (detached) regression points
+    rescaled point by point by exp(conv).
     """
 
     def __init__(
@@ -168,4 +159,4 @@ class SALTOperator(nn.Module):
         point_scale = self.cls_point_scale_pred(self.cls_point_conv(cls_feat)).float().exp()
         cls_points = point_scale * reg_points.detach()
         cls_feat = self.cls_dcn(cls_feat, cls_points - self.kernel_grid)
-        return SALTOutput(cls_feat, reg_feat, coarse, reg_points, cls_points)
+        return SALTOutput(cls_feat, reg_feat, SALTPredictions(coarse, reg_points, cls_points))
