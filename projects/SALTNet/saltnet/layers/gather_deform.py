@@ -1,78 +1,165 @@
-"""Deformable convolution as bilinear sampling plus one matrix product, in plain PyTorch.
+"""Deformable convolution as a sparse bilinear sampling plus matrix products, in plain PyTorch.
 
-The fast CPU path (backend ``"gather"``): the sampling positions of all kernel points are
-computed in the offsets' dtype (float32 or float64, never a reduced precision), sampled at once
-with :func:`torch.nn.functional.grid_sample`, and one batched matrix product with the weight
-gives the output; autograd differentiates it. Same numbers as
-:func:`torchvision.ops.deform_conv2d`, gradients included: the kernel point (i, j) of output
-(y, x) samples the input at (y * stride - padding + i * dilation + dy,
-x * stride - padding + j * dilation + dx), bilinearly, with zero for corners outside the image.
+Backend ``"gather"`` (the CPU default). The offsets are shared by every channel of a deformable
+group, so each kernel point of each output pixel samples one whole channel vector: the input,
+as channels-last rows (one row per pixel and deformable group), is sampled by
+:func:`torch.nn.functional.embedding_bag` -- each bag the four bilinear corners of one kernel
+point, their bilinear weights (times the modulation mask) as ``per_sample_weights`` -- and a
+matrix product with the weight (a batched one per convolution group) finishes the convolution.
+Autograd differentiates it; the result and every gradient are torchvision's
+(:func:`torchvision.ops.deform_conv2d`): the kernel point (i, j) of output (y, x) samples the
+input at (y * stride - padding + i * dilation + dy, x * stride - padding + j * dilation + dx),
+bilinearly, with zero for corners outside the image; at integer positions the offset gradient
+is the forward difference, as in torchvision's kernel.
 
-``grid_sample`` takes positions normalised by the image size. The input is zero-padded at the
-bottom and right to power-of-two sizes, so normalising is exact: an integer position stays
-exactly an integer, and the offset gradient there takes the same side (the forward difference
-along each axis) as torchvision's. The padding holds zeros, as the outside of the image does.
+Output pixels are processed in chunks of at most ``_CHUNK_ELEMENTS`` sampled values: a chunk's
+columns stay in the cache and are reused by the allocator instead of one large buffer of
+N x H_out x W_out x C_in x kH x kW values (which costs more in page faults than the sampling
+itself). Without autograd the peak extra memory is one chunk; with autograd the columns are kept
+for the weight gradient, as a dense convolution's unfolded input would be.
+
+Precision: sampling positions and bilinear weights are computed in the offsets' precision, at
+least float32: in bfloat16 a position of 200 px is only known to +-0.5 px, which no bound on the
+sampled value survives. With ``reduced=torch.bfloat16`` the sampled values and the products are
+bfloat16 with float32 accumulation; writing u = 2^-8 (bfloat16's unit roundoff) and
+A = sum |weight| x |sampled value| (the same convolution of |x| with |weight| and the same
+positions, masks and bilinear weights), every output element is within
+
+    |out - exact| <= 5.1 u A   (for reductions of at most 2^16 terms)
+
+of the exact convolution of the given tensors: the rounding of the bilinear weights, of the
+sampled values, of the weight and of the output contribute u each (after the first order,
+(1 + u)^4 - 1 <= 4.03 u), float32 accumulation at most n 2^-24 A <= u A. float16 has no such
+bound (its range ends at 65504, so a sum can overflow), so it is computed in float32.
 """
 
 import torch
 from torch.nn import functional as F
 
-__all__ = ["gather_deform_conv2d"]
+__all__ = ["BFLOAT16_ERROR_BOUND", "gather_deform_conv2d"]
+
+# Sampled values per chunk of output pixels (4 MiB of float32 columns).
+_CHUNK_ELEMENTS = 1 << 20
+# |out - exact| <= BFLOAT16_ERROR_BOUND x sum |weight| |sampled value| for reduced=bfloat16.
+BFLOAT16_ERROR_BOUND = 5.1 * 2.0**-8
 
 
-def _power_of_two_at_least(size: int) -> int:
-    return 1 << (size - 1).bit_length()
-
-
-def _sampling_grid(offset, padded_size, kernel_size, stride, padding, dilation):
-    """grid_sample's (x, y) grid of every kernel point (``align_corners=False``).
-
-    offset (N, 2 x dg x kH x kW, H_out, W_out), (dy, dx) pairs in input pixels ->
-    (N x dg, kH x kW x H_out, W_out, 2); pixel p of a padded side of size s is at (2p + 1) / s - 1.
-    """
+def _sampling_positions(offset, kernel_size, stride, padding, dilation):
+    """Input-pixel positions (y, x), each (N, H_out, W_out, kH x kW, dg), of every kernel
+    point; offset (N, 2 x dg x kH x kW, H_out, W_out) of (dy, dx) pairs, in its own dtype."""
     n, _, h_out, w_out = offset.shape
     kh, kw = kernel_size
-    offset = offset.view(n, -1, kh, kw, 2, h_out, w_out)
-    normalised = []
-    for axis, (k, size_out) in enumerate(((kh, h_out), (kw, w_out))):
-        out_pos = torch.arange(size_out, dtype=offset.dtype, device=offset.device) * stride[axis]
-        kernel_pos = torch.arange(k, dtype=offset.dtype, device=offset.device) * dilation[axis]
-        base = kernel_pos[:, None] + (out_pos[None, :] - padding[axis])  # (k, size_out)
-        base = base[:, None, :, None] if axis == 0 else base[None, :, None, :]
-        pos = offset[:, :, :, :, axis] + base  # (N, dg, kH, kW, H_out, W_out)
-        normalised.append((2 * pos + 1) / padded_size[axis] - 1)
-    return torch.stack(normalised[::-1], dim=-1).view(-1, kh * kw * h_out, w_out, 2)
+    offset = offset.view(n, -1, kh * kw, 2, h_out, w_out).permute(0, 4, 5, 2, 1, 3).contiguous()
+    positions = []
+    for axis, (size_out, kernel_pos) in enumerate(
+        ((h_out, torch.arange(kh).repeat_interleave(kw)), (w_out, torch.arange(kw).repeat(kh)))
+    ):
+        out_pos = torch.arange(size_out, dtype=offset.dtype, device=offset.device)
+        kernel_pos = kernel_pos.to(offset.device, offset.dtype) * dilation[axis]
+        base = out_pos[:, None] * stride[axis] - padding[axis] + kernel_pos  # (size_out, K)
+        base = base[:, None, :, None] if axis == 0 else base[None, :, :, None]
+        positions.append(offset[..., axis] + base)
+    return positions
 
 
-def gather_deform_conv2d(x, offset, mask, weight, bias, stride, padding, dilation, groups):
+def _bilinear_corners(y, x, mask, height, width):
+    """The four bilinear corners of positions y, x (N, H_out, W_out, K, dg) as rows of the
+    channels-last input: indices (..., 4) into (N x H x W x dg) rows, weights (..., 4), zero
+    for corners outside the image; times the mask (N, dg x K, H_out, W_out) if given.
+    Differentiable in y, x and mask."""
+    n, _, _, _, dg = y.shape
+    y0, x0 = y.detach().floor(), x.detach().floor()
+    fy, fx = y - y0, x - x0
+    wy = torch.stack((1 - fy, fy), dim=-1)[..., :, None]  # (..., 2, 1): top, bottom
+    wx = torch.stack((1 - fx, fx), dim=-1)[..., None, :]  # (..., 1, 2): left, right
+    step = torch.arange(2, device=y.device)
+    yi = y0.long()[..., None] + step
+    xi = x0.long()[..., None] + step
+    valid = ((yi >= 0) & (yi < height))[..., :, None] & ((xi >= 0) & (xi < width))[..., None, :]
+    image = torch.arange(n, device=y.device).view(n, 1, 1, 1, 1, 1, 1) * (height * width)
+    pixel = image + (yi.clamp(0, height - 1) * width)[..., :, None] + xi.clamp(0, width - 1)[
+        ..., None, :
+    ]
+    group = torch.arange(dg, device=y.device).view(dg, 1, 1)
+    weights = wy * wx * valid
+    if mask is not None:
+        h_out, w_out = y.shape[1:3]
+        mask = mask.view(n, dg, -1, h_out, w_out).permute(0, 3, 4, 2, 1).contiguous()
+        weights = weights * mask[..., None, None]
+    return (pixel * dg + group).flatten(-2), weights.flatten(-2)
+
+
+def _weight_matrices(weight, groups):
+    """weight (C_out, C_in / groups, kH, kW) -> (groups, C_out / groups, kH x kW x C_in /
+    groups): the columns in (kernel point, channel) order, as the sampled columns."""
+    c_out, c_per_group = weight.shape[:2]
+    per_group = weight.view(groups, c_out // groups, c_per_group, -1).transpose(2, 3)
+    return per_group.reshape(groups, c_out // groups, -1)
+
+
+def _chunk_product(columns, matrices, bias):
+    """columns (B, kH x kW, C_in), channels in group order, x the weight's matrices ->
+    (B, C_out). The matrices enter transposed: BLAS multiplies (B, depth) x (depth, C_out)
+    fastest with the second operand stored (C_out, depth)."""
+    groups, _, depth = matrices.shape
+    b = columns.shape[0]
+    if groups == 1:
+        columns, matrix = columns.view(b, depth), matrices[0].t()
+        return columns @ matrix if bias is None else torch.addmm(bias, columns, matrix)
+    per_group = columns.view(b, columns.shape[1], groups, -1).permute(2, 0, 1, 3)
+    out = torch.bmm(per_group.reshape(groups, b, depth), matrices.transpose(1, 2))
+    out = out.transpose(0, 1).reshape(b, -1)
+    return out if bias is None else out + bias
+
+
+def gather_deform_conv2d(
+    x, offset, mask, weight, bias, stride, padding, dilation, groups, reduced=None
+):
     """(Modulated) deformable convolution; the arguments of ``torchvision.ops.deform_conv2d``.
 
     x (N, C_in, H, W); offset (N, 2 x dg x kH x kW, H_out, W_out) in input pixels; mask
     (N, dg x kH x kW, H_out, W_out) or None; weight (C_out, C_in / groups, kH, kW); bias
-    (C_out,) or None; stride, padding, dilation: (y, x) pairs -> (N, C_out, H_out, W_out).
-    All tensors share one dtype of at least float32 precision. Autograd keeps the sampled
-    columns, N x C_in x kH x kW x H_out x W_out values, for the backward pass.
+    (C_out,) or None; stride, padding, dilation: (y, x) pairs -> (N, C_out, H_out, W_out), in
+    x's dtype. Positions and bilinear weights are computed in at least float32; the sampled
+    values and the products in x's dtype, or in ``reduced`` (``torch.bfloat16``, with the bound
+    of the module docstring) where given.
     """
     n, c_in, height, width = x.shape
     c_out, _, kh, kw = weight.shape
     h_out, w_out = offset.shape[-2:]
     points = kh * kw
     dg = offset.shape[1] // (2 * points)
-    padded_size = (_power_of_two_at_least(height), _power_of_two_at_least(width))
-    x = F.pad(x, (0, padded_size[1] - width, 0, padded_size[0] - height))
-    grid = _sampling_grid(offset, padded_size, (kh, kw), stride, padding, dilation)
-    sampled = F.grid_sample(
-        x.reshape(n * dg, c_in // dg, *padded_size),
-        grid,
-        mode="bilinear",
-        padding_mode="zeros",
-        align_corners=False,
-    )  # (N x dg, C_in / dg, kH x kW x H_out, W_out)
-    columns = sampled.view(n, dg, c_in // dg, points, h_out * w_out)
+    dtype = reduced or x.dtype
+    position_dtype = torch.promote_types(offset.dtype, torch.float32)
+    y, x_pos = _sampling_positions(
+        offset.to(position_dtype), (kh, kw), stride, padding, dilation
+    )
     if mask is not None:
-        columns = columns * mask.reshape(n, dg, 1, points, h_out * w_out)
-    # Row c x kH x kW + k of a group's columns: the layout of its weight rows' flattening.
-    columns = columns.reshape(n, groups, -1, h_out * w_out)
-    out = torch.matmul(weight.reshape(groups, c_out // groups, -1), columns)
-    out = out.view(n, c_out, h_out, w_out)
-    return out if bias is None else out + bias.view(1, -1, 1, 1)
+        mask = mask.to(position_dtype)
+    indices, weights = _bilinear_corners(y, x_pos, mask, height, width)
+    weights = weights.to(dtype)
+    # (N x H x W x dg, C_in / dg), row-major: embedding_bag's fast path needs contiguous rows.
+    rows = x.to(dtype).contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+    rows = rows.reshape(-1, c_in // dg)
+    matrices = _weight_matrices(weight.to(dtype), groups)
+    bias = None if bias is None else bias.to(dtype)
+    bags = points * dg  # bags per output pixel: (kernel point, deformable group), raster order
+    chunk = max(1, _CHUNK_ELEMENTS // (points * c_in)) * bags
+    indices, weights = indices.view(-1, 4), weights.view(-1, 4)
+    out = torch.cat([
+        _chunk_product(
+            F.embedding_bag(
+                indices[s : s + chunk], rows, per_sample_weights=weights[s : s + chunk], mode="sum"
+            ).view(-1, points, c_in),
+            matrices,
+            bias,
+        )
+        for s in range(0, indices.shape[0], chunk)
+    ])
+    memory_format = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+    out = out.view(n, h_out, w_out, c_out).permute(0, 3, 1, 2)
+    return out.to(x.dtype).contiguous(memory_format=memory_format)
+
+
+def _is_channels_last(x):
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
