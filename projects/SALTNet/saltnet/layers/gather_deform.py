@@ -20,17 +20,17 @@ for the weight gradient, as a dense convolution's unfolded input would be.
 
 Precision: sampling positions and bilinear weights are computed in the offsets' precision, at
 least float32: in bfloat16 a position of 200 px is only known to +-0.5 px, which no bound on the
-sampled value survives. With ``reduced=torch.bfloat16`` the sampled values and the products are
-bfloat16 with float32 accumulation; writing u = 2^-8 (bfloat16's unit roundoff) and
-A = sum |weight| x |sampled value| (the same convolution of |x| with |weight| and the same
-positions, masks and bilinear weights), every output element is within
+sampled value survives. With ``reduced=torch.bfloat16`` the input, the bilinear weights, the
+sampled values, the weight and the bias are rounded to bfloat16 and multiplied with float32
+accumulation, and the output is rounded to bfloat16. Five roundings of relative error at most
+u = 2^-8 (bfloat16's unit roundoff) reach each product ((1 + u)^5 - 1 <= 5.04 u), float32
+accumulation of n <= 2^16 terms adds at most n 2^-24 <= u, so every output element is within
 
-    |out - exact| <= 5.1 u A   (for reductions of at most 2^16 terms)
+    |out - exact| <= 6.1 u A,   A = sum |weight| x (bilinear sample of |x|, times the mask) + |bias|
 
-of the exact convolution of the given tensors: the rounding of the bilinear weights, of the
-sampled values, of the weight and of the output contribute u each (after the first order,
-(1 + u)^4 - 1 <= 4.03 u), float32 accumulation at most n 2^-24 A <= u A. float16 has no such
-bound (its range ends at 65504, so a sum can overflow), so it is computed in float32.
+of the exact convolution of the given tensors (A: the same convolution of |x| with |weight| and
+|bias|; relative to A, not to |out|, because the sum may cancel). float16 has no such bound (its
+range ends at 65504, so a sum can overflow): it is computed in float32.
 """
 
 import torch
@@ -40,8 +40,8 @@ __all__ = ["BFLOAT16_ERROR_BOUND", "gather_deform_conv2d"]
 
 # Sampled values per chunk of output pixels (4 MiB of float32 columns).
 _CHUNK_ELEMENTS = 1 << 20
-# |out - exact| <= BFLOAT16_ERROR_BOUND x sum |weight| |sampled value| for reduced=bfloat16.
-BFLOAT16_ERROR_BOUND = 5.1 * 2.0**-8
+# |out - exact| <= BFLOAT16_ERROR_BOUND x A (module docstring) for reduced=torch.bfloat16.
+BFLOAT16_ERROR_BOUND = 6.1 * 2.0**-8
 
 
 def _sampling_positions(offset, kernel_size, stride, padding, dilation):
@@ -97,11 +97,11 @@ def _weight_matrices(weight, groups):
     return per_group.reshape(groups, c_out // groups, -1)
 
 
-def _chunk_product(columns, matrices, bias):
+def _chunk_product(columns, matrices, bias, groups):
     """columns (B, kH x kW, C_in), channels in group order, x the weight's matrices ->
     (B, C_out). The matrices enter transposed: BLAS multiplies (B, depth) x (depth, C_out)
     fastest with the second operand stored (C_out, depth)."""
-    groups, _, depth = matrices.shape
+    depth = matrices.shape[2]
     b = columns.shape[0]
     if groups == 1:
         columns, matrix = columns.view(b, depth), matrices[0].t()
@@ -153,6 +153,7 @@ def gather_deform_conv2d(
             ).view(-1, points, c_in),
             matrices,
             bias,
+            groups,
         )
         for s in range(0, indices.shape[0], chunk)
     ])
