@@ -3,6 +3,7 @@ handles (saltnet.layers.flops): it traces every backend and counts each deformab
 dense conv plus four multiply-adds per sampled value, against a hand count."""
 
 import functools
+import importlib.util
 
 import pytest
 import torch
@@ -78,3 +79,14 @@ def test_deform_conv_flops_formula():
     assert deform_conv_flops((2, 512, 50, 76), (512, 16, 3, 3), (2, 512, 50, 76)) == (
         2 * 3800 * 9 * (512 * 16 + 4 * 512)
     )
+
+
+def test_benchmark_tool_counts_the_deformable_share():
+    """``tools/benchmark.py --flops``: SALT-Net R50-FPN's two 256-channel deformable convs."""
+    spec = importlib.util.spec_from_file_location("benchmark", REPO_ROOT / "tools" / "benchmark.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    torch.manual_seed(0)
+    counts = tool.count_flops(tool.MODELS["SALT-Net R50-FPN"](80), *IMAGE)
+    assert counts["deform_gflops"] * 1e9 == pytest.approx(2 * LEVEL_PIXELS * 9 * (256 + 4) * 256)
+    assert counts["gflops"] > counts["deform_gflops"]
