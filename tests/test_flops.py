@@ -90,3 +90,17 @@ def test_benchmark_tool_counts_the_deformable_share():
     counts = tool.count_flops(tool.MODELS["SALT-Net R50-FPN"](80), *IMAGE)
     assert counts["deform_gflops"] * 1e9 == pytest.approx(2 * LEVEL_PIXELS * 9 * (256 + 4) * 256)
     assert counts["gflops"] > counts["deform_gflops"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("modulated", [False, True])
+def test_single_layer_with_bias_groups_and_stride(backend, modulated):
+    """A strided, grouped layer with two deformable groups, and a bias: dense conv plus
+    sampling, nothing else (the bias add and the norm-free layer count nothing more)."""
+    layer_cls = ModulatedDeformConv if modulated else DeformConv
+    layer = layer_cls(8, 12, 3, stride=2, padding=1, groups=2, deformable_groups=2, bias=True,
+                      backend=backend)
+    x, offset, mask = torch.randn(2, 8, 9, 11), torch.randn(2, 36, 5, 6), torch.rand(2, 18, 5, 6)
+    inputs = (x, offset, mask) if modulated else (x, offset)
+    analysis = FlopCountAnalysis(layer, inputs)
+    assert analysis.total() == 2 * 5 * 6 * 9 * (12 * 4 + 4 * 8)

@@ -16,10 +16,9 @@ Convention (fvcore's: one multiply-add is one flop). A deformable conv with weig
 
 The sampling positions and bilinear weights (per kernel point and deformable group, not per
 channel) are elementwise work, which detectron2 does not count for any layer. Each backend gives
-the same count: ``torchvision`` (``torchvision::deform_conv2d``), ``triton`` and ``detectron2``
-(their autograd functions) with one handle for both terms; ``gather`` traces as its parts, the
-sampling (``aten::embedding_bag``, whose handle counts the corner multiply-adds) and the matrix
-products, which detectron2's own matmul handles count as the dense term.
+the same count: ``torchvision`` traces as ``torchvision::deform_conv2d``, ``triton`` and
+``detectron2`` as their autograd functions, ``gather`` as its sampling and matrix product (an
+autograd function, after the sampling positions' elementwise work).
 """
 
 from detectron2.utils import analysis
@@ -52,14 +51,13 @@ def _autograd_function_handle(inputs, outputs):
     return deform_conv_flops(shapes[0], weight_shape, get_shape(outputs[0]))
 
 
-def _embedding_bag_handle(inputs, outputs):
-    """``aten::embedding_bag(rows, indices, ...)``, the gather backend's sampling: one
-    multiply-add per index and row element."""
-    indices = get_shape(inputs[1])
-    count = get_shape(inputs[0])[1]
-    for size in indices:
-        count *= size
-    return count
+def _gather_handle(inputs, outputs):
+    """The gather backend's ``_SampledProduct(rows, weights, matrices, [bias,] indices)`` ->
+    (pixels, C_out): four corner multiply-adds per sampled value (the rows' width times the
+    corner indices), and the matrix products (pixels x C_out x the matrices' depth)."""
+    rows, matrices, indices = (get_shape(inputs[i]) for i in (0, 2, -1))
+    pixels, c_out = get_shape(outputs[0])
+    return rows[1] * indices[0] * indices[1] + pixels * c_out * matrices[2]
 
 
 DEFORM_CONV_FLOP_HANDLES = {
@@ -67,7 +65,7 @@ DEFORM_CONV_FLOP_HANDLES = {
     "prim::PythonOp._TritonDeformConv": _autograd_function_handle,
     "prim::PythonOp._DeformConv": _autograd_function_handle,
     "prim::PythonOp._ModulatedDeformConv": _autograd_function_handle,
-    "aten::embedding_bag": _embedding_bag_handle,
+    "prim::PythonOp._SampledProduct": _gather_handle,
 }
 
 

@@ -6,7 +6,7 @@ as channels-last rows (one row per pixel and deformable group), is sampled by
 :func:`torch.nn.functional.embedding_bag` -- each bag the four bilinear corners of one kernel
 point, their bilinear weights (times the modulation mask) as ``per_sample_weights`` -- and a
 matrix product with the weight (a batched one per convolution group) finishes the convolution.
-Autograd differentiates it; the result and every gradient are torchvision's
+The result and every gradient are torchvision's
 (:func:`torchvision.ops.deform_conv2d`): the kernel point (i, j) of output (y, x) samples the
 input at (y * stride - padding + i * dilation + dy, x * stride - padding + j * dilation + dx),
 bilinearly, with zero for corners outside the image; at integer positions the offset gradient
@@ -15,8 +15,10 @@ is the forward difference, as in torchvision's kernel.
 Output pixels are processed in chunks of at most ``_CHUNK_ELEMENTS`` sampled values: a chunk's
 columns stay in the cache and are reused by the allocator instead of one large buffer of
 N x H_out x W_out x C_in x kH x kW values (which costs more in page faults than the sampling
-itself). Without autograd the peak extra memory is one chunk; with autograd the columns are kept
-for the weight gradient, as a dense convolution's unfolded input would be.
+itself). The sampling positions and bilinear weights are differentiated by autograd; the
+sampling and the product are one autograd function (``_SampledProduct``) whose backward samples
+each chunk again rather than keeping the columns, so the extra memory is the positions, the
+weights and one chunk, in training too.
 
 Precision: sampling positions and bilinear weights are computed in the offsets' precision, at
 least float32: in bfloat16 a position of 200 px is only known to +-0.5 px, which no bound on the
@@ -97,6 +99,12 @@ def _weight_matrices(weight, groups):
     return per_group.reshape(groups, c_out // groups, -1)
 
 
+def _per_group(columns, groups, depth):
+    """columns (B, kH x kW, C_in) -> (groups, B, depth): each group's columns, a copy."""
+    b, points = columns.shape[:2]
+    return columns.view(b, points, groups, -1).permute(2, 0, 1, 3).reshape(groups, b, depth)
+
+
 def _chunk_product(columns, matrices, bias, groups):
     """columns (B, kH x kW, C_in), channels in group order, x the weight's matrices ->
     (B, C_out). The matrices enter transposed: BLAS multiplies (B, depth) x (depth, C_out)
@@ -106,10 +114,83 @@ def _chunk_product(columns, matrices, bias, groups):
     if groups == 1:
         columns, matrix = columns.view(b, depth), matrices[0].t()
         return columns @ matrix if bias is None else torch.addmm(bias, columns, matrix)
-    per_group = columns.view(b, columns.shape[1], groups, -1).permute(2, 0, 1, 3)
-    out = torch.bmm(per_group.reshape(groups, b, depth), matrices.transpose(1, 2))
+    out = torch.bmm(_per_group(columns, groups, depth), matrices.transpose(1, 2))
     out = out.transpose(0, 1).reshape(b, -1)
     return out if bias is None else out + bias
+
+
+def _chunk_product_backward(columns, grad_out, matrices, grad_matrices, groups):
+    """The gradient of :func:`_chunk_product` w.r.t. its columns (B, kH x kW, C_in); adds the
+    matrices' gradient to ``grad_matrices``."""
+    depth = matrices.shape[2]
+    b, points, c_in = columns.shape
+    if groups == 1:
+        grad_matrices[0].addmm_(grad_out.t(), columns.view(b, depth))
+        return (grad_out @ matrices[0]).view(b, points, c_in)
+    grad_out = grad_out.view(b, groups, -1).transpose(0, 1)  # (groups, B, C_out / groups)
+    grad_matrices.baddbmm_(grad_out.transpose(1, 2), _per_group(columns, groups, depth))
+    grad_columns = torch.bmm(grad_out, matrices).view(groups, b, points, -1)
+    return grad_columns.permute(1, 2, 0, 3).reshape(b, points, c_in)
+
+
+class _SampledProduct(torch.autograd.Function):
+    """(P, C_out): the columns of P output pixels, sampled from ``rows`` (N x H x W x dg,
+    C_in / dg) by ``embedding_bag`` of ``indices`` and ``weights`` (P x kH x kW x dg bags of 4
+    corners, in (pixel, kernel point, deformable group) order), times the weight ``matrices``
+    (groups, C_out / groups, kH x kW x C_in / groups), plus ``bias``; ``chunk`` bags at a time.
+    The backward samples each chunk again instead of keeping all columns, and differentiates the
+    sampling on the rows that the chunk reads only (no gradient of all rows per chunk)."""
+
+    @staticmethod
+    def forward(ctx, rows, weights, matrices, bias, indices, chunk, points, bags, groups):
+        ctx.save_for_backward(rows, weights, matrices, indices)
+        ctx.geometry = chunk, points, bags, groups
+        return torch.cat([
+            _chunk_product(
+                _columns(indices[s : s + chunk], rows, weights[s : s + chunk], points, bags),
+                matrices,
+                bias,
+                groups,
+            )
+            for s in range(0, indices.shape[0], chunk)
+        ])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        rows, weights, matrices, indices = ctx.saved_tensors
+        chunk, points, bags, groups = ctx.geometry
+        need_rows, need_weights = ctx.needs_input_grad[:2]
+        grad_rows = torch.zeros_like(rows) if need_rows else None
+        grad_weights = torch.empty_like(weights) if need_weights else None
+        grad_matrices = torch.zeros_like(matrices)
+        first_pixel = 0
+        for s in range(0, indices.shape[0], chunk):
+            part = indices[s : s + chunk]
+            low, high = int(part.min()), int(part.max()) + 1
+            with torch.enable_grad():
+                read = rows[low:high].detach().requires_grad_(need_rows)
+                part_weights = weights[s : s + chunk].detach().requires_grad_(need_weights)
+                columns = _columns(part - low, read, part_weights, points, bags)
+            pixels = slice(first_pixel, first_pixel + columns.shape[0])
+            first_pixel = pixels.stop
+            grad_columns = _chunk_product_backward(
+                columns.detach(), grad_out[pixels], matrices, grad_matrices, groups
+            )
+            wanted = [t for t, need in ((read, need_rows), (part_weights, need_weights)) if need]
+            grads = list(torch.autograd.grad(columns, wanted, grad_columns)) if wanted else []
+            if need_rows:
+                grad_rows[low:high] += grads.pop(0)
+            if need_weights:
+                grad_weights[s : s + chunk] = grads.pop(0)
+        grad_bias = grad_out.sum(0) if ctx.needs_input_grad[3] else None
+        return grad_rows, grad_weights, grad_matrices, grad_bias, None, None, None, None, None
+
+
+def _columns(indices, rows, weights, points, bags):
+    """The sampled columns (B, kH x kW, C_in) of ``indices`` / ``weights`` (B x ``bags``, 4;
+    ``bags`` = kH x kW x dg) from ``rows`` (N x H x W x dg, C_in / dg)."""
+    sampled = F.embedding_bag(indices, rows, per_sample_weights=weights, mode="sum")
+    return sampled.view(indices.shape[0] // bags, points, -1)
 
 
 def gather_deform_conv2d(
@@ -146,17 +227,9 @@ def gather_deform_conv2d(
     bags = points * dg  # bags per output pixel: (kernel point, deformable group), raster order
     chunk = max(1, _CHUNK_ELEMENTS // (points * c_in)) * bags
     indices, weights = indices.view(-1, 4), weights.view(-1, 4)
-    out = torch.cat([
-        _chunk_product(
-            F.embedding_bag(
-                indices[s : s + chunk], rows, per_sample_weights=weights[s : s + chunk], mode="sum"
-            ).view(-1, points, c_in),
-            matrices,
-            bias,
-            groups,
-        )
-        for s in range(0, indices.shape[0], chunk)
-    ])
+    # Python ints: under tracing, sizes are tensors, which the traced function must not take.
+    geometry = [int(v) for v in (chunk, points, bags, groups)]
+    out = _SampledProduct.apply(rows, weights, matrices, bias, indices, *geometry)
     memory_format = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
     out = out.view(n, h_out, w_out, c_out).permute(0, 3, 1, 2)
     return out.to(x.dtype).contiguous(memory_format=memory_format)
