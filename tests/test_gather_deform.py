@@ -13,14 +13,32 @@ from saltnet.layers import gather_deform
 from saltnet.layers.gather_deform import BFLOAT16_ERROR_BOUND, gather_deform_conv2d
 
 
+@pytest.mark.parametrize("offsets", ["fractional", "far"])
 @pytest.mark.parametrize("chunk_elements", [1, 1000])
 @pytest.mark.parametrize("groups, dg, stride", [(1, 1, 1), (2, 2, 2), (4, 1, 1)])
-def test_chunks_match_torchvision(monkeypatch, chunk_elements, groups, dg, stride):
+def test_chunks_match_torchvision(monkeypatch, chunk_elements, groups, dg, stride, offsets):
     """Chunks of one output pixel, and of 13 pixels (1000 // (9 x 8)), which neither divide the
-    image nor stop at its end: outputs and every gradient are torchvision's."""
+    image nor stop at its end, each differentiated on the input rows it reads (all of them for
+    far offsets): outputs and every gradient are torchvision's."""
     monkeypatch.setattr(gather_deform, "_CHUNK_ELEMENTS", chunk_elements)
-    x, offset, mask, weight, bias = _case(n=2, stride=stride, groups=groups, dg=dg)
+    x, offset, mask, weight, bias = _case(n=2, stride=stride, groups=groups, dg=dg, offsets=offsets)
     _compare_with_torchvision(x, offset, mask, weight, bias, stride, groups)
+
+
+@pytest.mark.parametrize("groups, dg", [(1, 1), (2, 2)])
+def test_gradcheck_over_many_chunks(monkeypatch, groups, dg):
+    """Every gradient against finite differences (float64), one output pixel per chunk."""
+    monkeypatch.setattr(gather_deform, "_CHUNK_ELEMENTS", 1)
+    x, offset, mask, weight, bias = (
+        t.detach().double().requires_grad_(True)
+        for t in _case(n=2, c_in=4, c_out=2, size=(2, 3), groups=groups, dg=dg)
+    )
+
+    def fn(x, offset, mask, weight, bias):
+        return gather_deform_conv2d(x, offset, mask, weight, bias, (1, 1), (1, 1), (1, 1), groups)
+
+    args = (x, offset, mask, weight, bias)
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-5)
 
 
 def test_channels_last_input_gives_channels_last_output():
