@@ -1,7 +1,9 @@
 """detectron2's FLOP counter on SALT-Net and both plug-ins, with saltnet's deformable-conv
 handles (saltnet.layers.flops): it traces every backend and counts each deformable conv as a
-dense conv plus four multiply-adds per sampled value, against a hand count."""
+dense conv plus four multiply-adds per sampled value, against a hand count; and the analysis modes
+of tools/benchmark.py (--flops, --profile)."""
 
+import argparse
 import functools
 import importlib.util
 
@@ -81,11 +83,16 @@ def test_deform_conv_flops_formula():
     )
 
 
-def test_benchmark_tool_counts_the_deformable_share():
-    """``tools/benchmark.py --flops``: SALT-Net R50-FPN's two 256-channel deformable convs."""
+def _benchmark_tool():
     spec = importlib.util.spec_from_file_location("benchmark", REPO_ROOT / "tools" / "benchmark.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
+    return tool
+
+
+def test_benchmark_tool_counts_the_deformable_share():
+    """``tools/benchmark.py --flops``: SALT-Net R50-FPN's two 256-channel deformable convs."""
+    tool = _benchmark_tool()
     torch.manual_seed(0)
     counts = tool.count_flops(tool.MODELS["SALT-Net R50-FPN"](80), *IMAGE)
     assert counts["deform_gflops"] * 1e9 == pytest.approx(2 * LEVEL_PIXELS * 9 * (256 + 4) * 256)
@@ -104,3 +111,13 @@ def test_single_layer_with_bias_groups_and_stride(backend, modulated):
     inputs = (x, offset, mask) if modulated else (x, offset)
     analysis = FlopCountAnalysis(layer, inputs)
     assert analysis.total() == 2 * 5 * 6 * 9 * (12 * 4 + 4 * 8)
+
+
+def test_benchmark_tool_profiles_inference():
+    """``tools/benchmark.py --profile``: the profile of SALT-Net's inference names its
+    convolutions and, on the CPU default, the gather backend's sampled product."""
+    tool = _benchmark_tool()
+    args = argparse.Namespace(height=IMAGE[0], width=IMAGE[1], boxes=1, warmup=0, iters=1)
+    table = tool.profile_inference(tool.MODELS["SALT-Net R50-FPN"](80), args, rows=100)
+    assert "aten::mkldnn_convolution" in table or "aten::convolution" in table
+    assert "_SampledProduct" in table

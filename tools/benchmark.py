@@ -5,6 +5,7 @@
     python tools/benchmark.py --smoke              # CPU smoke run: tiny images, few iterations
     python tools/benchmark.py --plot bench.json    # table and chart of a stored --output JSON
     python tools/benchmark.py --flops              # GFLOPs of each model instead (any device)
+    python tools/benchmark.py --profile --models "SALT-Net R50-FPN"   # where inference spends
 
 For each model: inference images/s at each batch size (postprocessing included), training
 iterations/s (SGD step included), each in fp32 and under autocast (AMP), peak GPU memory, and
@@ -16,7 +17,8 @@ is written next to the JSON (same name, ``.png``; needs matplotlib, ``pip instal
 ``--flops`` times nothing: it counts each model's multiply-adds for one --height x --width image
 (detectron2's FLOP counter with saltnet's deformable-conv handles, ``saltnet.layers.flops``), the
 deformable convs' share, and each model's count relative to FCOS's and RetinaNet's: the ceiling
-of the throughput ratios.
+of the throughput ratios. ``--profile`` times nothing either: it prints each model's operators by
+self CPU time over --iters fp32 inferences at batch 1 (``torch.profiler``).
 """
 
 import argparse
@@ -186,6 +188,20 @@ def count_flops(model, height, width):
     return {"gflops": analysis.total() / 1e9, "deform_gflops": deform / 1e9}
 
 
+def profile_inference(model, args, rows=15):
+    """``torch.profiler``'s table of the operators of ``args.iters`` fp32 inferences (batch 1,
+    after ``args.warmup``), the ``rows`` largest by self CPU time."""
+    inputs = make_batch(1, args.height, args.width, args.boxes)
+    model.eval()
+    with torch.no_grad():
+        for _ in range(args.warmup):
+            model(inputs)
+        with torch.profiler.profile() as prof:
+            for _ in range(args.iters):
+                model(inputs)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
 def format_flops_table(all_flops):
     """A markdown table: GFLOPs per model, its deformable convs', and each model's GFLOPs over
     FCOS's and RetinaNet's where those were counted."""
@@ -268,6 +284,9 @@ def main(argv=None):
     parser.add_argument(
         "--flops", action="store_true", help="time nothing: count each model's GFLOPs"
     )
+    parser.add_argument(
+        "--profile", action="store_true", help="time nothing: profile fp32 inference (batch 1)"
+    )
     args = parser.parse_args(argv)
     if args.plot:
         all_results = json.loads(Path(args.plot).read_text())
@@ -288,6 +307,11 @@ def main(argv=None):
             print(f"{model_name}: {json.dumps(all_flops[model_name])}", flush=True)
         print(format_flops_table(all_flops))
         return all_flops
+    if args.profile:
+        for model_name in args.models:
+            torch.manual_seed(0)
+            print(f"{model_name}:\n{profile_inference(MODELS[model_name](80), args)}", flush=True)
+        return
     amp_dtype = getattr(torch, args.amp_dtype)
     all_results = {}
     for model_name in args.models:
