@@ -4,6 +4,8 @@
     python tools/benchmark.py                      # GPU: 800 x 1333, batch 1 and 8, fp32 and AMP
     python tools/benchmark.py --smoke              # CPU smoke run: tiny images, few iterations
     python tools/benchmark.py --plot bench.json    # table and chart of a stored --output JSON
+    python tools/benchmark.py --flops              # GFLOPs of each model instead (any device)
+    python tools/benchmark.py --profile --models "SALT-Net R50-FPN"   # where inference spends
 
 For each model: inference images/s at each batch size (postprocessing included), training
 iterations/s (SGD step included), each in fp32 and under autocast (AMP), peak GPU memory, and
@@ -12,6 +14,11 @@ FCOS, RetinaNet + SALT / RetinaNet) from the same run. Weights are random:
 speed does not depend on them. A measurement that fails (e.g. a model that breaks under AMP) is
 reported as the error instead of a number. With ``--output``, a bar chart of the throughputs
 is written next to the JSON (same name, ``.png``; needs matplotlib, ``pip install .[plots]``).
+``--flops`` times nothing: it counts each model's multiply-adds for one --height x --width image
+(detectron2's FLOP counter with saltnet's deformable-conv handles, ``saltnet.layers.flops``), the
+deformable convs' share, and each model's count relative to FCOS's and RetinaNet's: the ceiling
+of the throughput ratios. ``--profile`` times nothing either: it prints each model's operators by
+self CPU time over --iters fp32 inferences at batch 1 (``torch.profiler``).
 """
 
 import argparse
@@ -27,6 +34,8 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from saltnet.config.defaults import load_yaml_config
+from saltnet.layers import DeformConv, ModulatedDeformConv
+from saltnet.layers.flops import FlopCountAnalysis
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -164,6 +173,49 @@ def _try(fn):
         return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
 
 
+def count_flops(model, height, width):
+    """{"gflops", "deform_gflops"}: multiply-adds / 1e9 of one inference on a random
+    ``height`` x ``width`` image, all and those of the deformable conv modules themselves."""
+    image = make_batch(1, height, width, num_boxes=0)[0]["image"]
+    analysis = FlopCountAnalysis(model.eval(), [{"image": image.to(_device())}])
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    by_module = analysis.by_module()
+    deform = 0
+    for name, module in model.named_modules():
+        if isinstance(module, (DeformConv, ModulatedDeformConv)):
+            own = by_module[f"model.{name}"]
+            deform += own - sum(by_module.get(f"model.{name}.{c}", 0) for c in module._modules)
+    return {"gflops": analysis.total() / 1e9, "deform_gflops": deform / 1e9}
+
+
+def profile_inference(model, args, rows=15):
+    """``torch.profiler``'s table of the operators of ``args.iters`` fp32 inferences (batch 1,
+    after ``args.warmup``), the ``rows`` largest by self CPU time."""
+    inputs = make_batch(1, args.height, args.width, args.boxes)
+    model.eval()
+    with torch.no_grad():
+        for _ in range(args.warmup):
+            model(inputs)
+        with torch.profiler.profile() as prof:
+            for _ in range(args.iters):
+                model(inputs)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def format_flops_table(all_flops):
+    """A markdown table: GFLOPs per model, its deformable convs', and each model's GFLOPs over
+    FCOS's and RetinaNet's where those were counted."""
+    bases = [b for b in ("FCOS R50-FPN", "RetinaNet R50-FPN") if b in all_flops]
+    lines = ["| model | GFLOPs | of which deformable convs | " + " | ".join(
+        f"/ {b.split()[0]}" for b in bases) + " |"]
+    lines.append("|" + " --- |" * (3 + len(bases)))
+    for name, row in all_flops.items():
+        ratios = [f"{row['gflops'] / all_flops[b]['gflops']:.3f}" for b in bases]
+        lines.append(f"| {name} | {row['gflops']:.1f} | {row['deform_gflops']:.1f} | "
+                     + " | ".join(ratios) + " |")
+    return "\n".join(lines)
+
+
 def format_table(all_results):
     """A markdown table: one row per metric, one column per model, then the ratios (``RATIOS``)
     whose two models were measured."""
@@ -229,6 +281,12 @@ def main(argv=None):
     parser.add_argument(
         "--plot", metavar="JSON", help="measure nothing: the table and chart of an --output JSON"
     )
+    parser.add_argument(
+        "--flops", action="store_true", help="time nothing: count each model's GFLOPs"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="time nothing: profile fp32 inference (batch 1)"
+    )
     args = parser.parse_args(argv)
     if args.plot:
         all_results = json.loads(Path(args.plot).read_text())
@@ -241,6 +299,19 @@ def main(argv=None):
 
     name = torch.cuda.get_device_name() if _device() == "cuda" else "CPU"
     print(f"device: {name}, torch {torch.__version__}, input {args.height} x {args.width}")
+    if args.flops:
+        all_flops = {}
+        for model_name in args.models:
+            torch.manual_seed(0)
+            all_flops[model_name] = count_flops(MODELS[model_name](80), args.height, args.width)
+            print(f"{model_name}: {json.dumps(all_flops[model_name])}", flush=True)
+        print(format_flops_table(all_flops))
+        return all_flops
+    if args.profile:
+        for model_name in args.models:
+            torch.manual_seed(0)
+            print(f"{model_name}:\n{profile_inference(MODELS[model_name](80), args)}", flush=True)
+        return
     amp_dtype = getattr(torch, args.amp_dtype)
     all_results = {}
     for model_name in args.models:

@@ -23,13 +23,18 @@ The backend (``MODEL.SALTNET.DEFORM_BACKEND``, the layers' ``backend`` argument)
 * ``"detectron2"``: detectron2's compiled CUDA kernel, available only where detectron2 was
   built with its ``_C`` extension; CUDA only.
 
-Half and bfloat16 inputs (e.g. under autocast) are computed in float32 by the ``gather``,
-``torchvision`` and ``detectron2`` backends and returned in the input dtype.
+Half and bfloat16 inputs (e.g. under autocast) are computed in float32 by the ``torchvision``
+and ``detectron2`` backends and returned in the input dtype. ``gather`` computes in bfloat16
+(positions in float32; the error bound of :mod:`saltnet.layers.gather_deform`) where bfloat16 is
+asked for (bfloat16 inputs or bfloat16 autocast) and the device multiplies bfloat16 natively
+(CUDA, CPUs with AVX512-BF16 / AMX); in float32 otherwise, float16 included (no bound holds
+there), which on CPUs without bfloat16 arithmetic is also the faster choice.
 
 Inputs, offsets or masks of the wrong shape raise :class:`DeformConvInputError`, both a
 ``ValueError`` and the ``RuntimeError`` that detectron2's layers raise.
 """
 
+import functools
 import importlib
 import logging
 from typing import Optional
@@ -142,15 +147,41 @@ def _empty_output(x, weight, stride, padding, dilation):
     return _NewEmptyTensorOp.apply(x, [x.shape[0], weight.shape[0]] + spatial)
 
 
+_REDUCED = (torch.float16, torch.bfloat16)
+
+
 def _in_float32(fn, x, offset, mask, weight, bias, *args):
-    """``fn(x, offset, mask, weight, bias, *args)``, in float32 (autocast off) for
+    """``fn(x, offset, mask, weight, bias, *args)`` with autocast off, in float32 for
     reduced-precision inputs; output in x's dtype."""
-    reduced = (torch.float16, torch.bfloat16)
-    if x.dtype not in reduced and offset.dtype not in reduced and weight.dtype not in reduced:
-        return fn(x, offset, mask, weight, bias, *args)
     with torch.autocast(device_type=x.device.type, enabled=False):
+        if all(t.dtype not in _REDUCED for t in (x, offset, weight)):
+            return fn(x, offset, mask, weight, bias, *args)
         tensors = [None if t is None else t.float() for t in (x, offset, mask, weight, bias)]
         return fn(*tensors, *args).to(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def multiplies_bfloat16(device_type: str) -> bool:
+    """True if this process's ``device_type`` ("cpu", "cuda") multiplies bfloat16 natively (on
+    the CPU: oneDNN's bfloat16 kernels, AVX512-BF16 or AMX); elsewhere bfloat16 products are
+    emulated and slower than float32."""
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device_type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _gather_deform_conv(x, offset, mask, weight, bias, stride, padding, dilation, groups):
+    """The gather backend, in bfloat16 where bfloat16 is asked for (bfloat16 inputs or bfloat16
+    autocast) and :func:`multiplies_bfloat16`, else in float32; output in x's dtype."""
+    device = x.device.type
+    asked = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    asked = asked or next((t.dtype for t in (x, offset, weight) if t.dtype in _REDUCED), None)
+    if asked != torch.bfloat16 or not multiplies_bfloat16(device):
+        return _in_float32(gather_deform_conv2d, x, offset, mask, weight, bias, stride, padding,
+                           dilation, groups)
+    with torch.autocast(device_type=device, enabled=False):
+        return gather_deform_conv2d(x, offset, mask, weight, bias, stride, padding, dilation,
+                                    groups, reduced=torch.bfloat16)
 
 
 def _torchvision_deform_conv(x, offset, mask, weight, bias, stride, padding, dilation):
@@ -251,7 +282,7 @@ class _DeformConvBase(nn.Module):
             return self._norm_activation(_empty_output(x, *geometry))
         backend = _resolve_backend(self.backend, x, geometry + (self.deformable_groups,))
         if backend == "gather":
-            out = _in_float32(gather_deform_conv2d, x, offset, mask, *self._params(), self.groups)
+            out = _gather_deform_conv(x, offset, mask, *self._params(), self.groups)
         elif backend == "torchvision":
             out = _in_float32(_torchvision_deform_conv, x, offset, mask, *self._params())
         elif backend == "triton":
