@@ -41,13 +41,13 @@ class Conv(NamedTuple):
     modulated: bool
     bias: bool
     dtype: torch.dtype
+    size: int = 3  # input height and width: any size names the same variants
 
     def tensors(self):
-        """(x, offset, mask, weight, bias) of one output pixel or two, on the CPU."""
-        size = 3
-        h_out = (size - 1) // self.stride + 1
+        """(x, offset, mask, weight, bias) on the CPU, batch 1."""
+        h_out = (self.size - 1) // self.stride + 1
         return (
-            torch.zeros(1, self.c_in, size, size),
+            torch.zeros(1, self.c_in, self.size, self.size),
             torch.zeros(1, 18, h_out, h_out),
             torch.zeros(1, 9, h_out, h_out) if self.modulated else None,
             torch.zeros(self.c_out, self.c_in // self.groups, 3, 3),
