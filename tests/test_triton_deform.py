@@ -272,7 +272,8 @@ def test_sizes_and_strides_share_the_compiled_variants():
     other = [c._replace(dtype=torch.bfloat16) for c in convs] + [convs[0]._replace(modulated=False)]
     assert len(compile_kernels.variants(convs + other, target)) == 9
     forward = next(v for v in found.values() if v[0] == "_forward_kernel")
-    assert compile_kernels._compile(*forward, target, launcher=False) > 0
+    seconds, launcher_built = compile_kernels._compile(*forward, target, launcher=False)
+    assert seconds > 0 and not launcher_built
 
 
 def _quick_model_grads(backend, state=None):
