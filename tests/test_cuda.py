@@ -80,6 +80,8 @@ CASES = {
     "far-offsets": (dict(offsets="far"), 1),
     "P3-8x256x100x168": (dict(n=8, c_in=256, c_out=256, size=(100, 168)), 1),
 }
+# The cases also run in bf16 and fp16 (tools/device/compile_kernels.py compiles what they launch).
+HALF_CASES = ["modulated", "stride2", "groups32", "no-mask"]
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -102,7 +104,7 @@ def test_triton_non_contiguous_input(triton_deform):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("name", ["modulated", "stride2", "groups32", "no-mask"])
+@pytest.mark.parametrize("name", HALF_CASES)
 def test_triton_half_error_is_bounded(triton_deform, dtype, name):
     """x, weight and grad_out in ``dtype``; the exact answer (float64) uses the same rounded
     values. The kernels round each bilinear sample and the output to ``dtype`` (relative error

@@ -1,8 +1,12 @@
 """tools/device/check.py (the GPU check without its kit installation) on this environment:
-tiny steps, their statuses, the report files; a failing and a hanging command fail their step."""
+tiny steps, their statuses, the report files; a failing and a hanging command fail their step;
+the order of the steps, the time budget, the report of a step that timed out, the targets from
+the lines a timeout leaves; check.sh without OUT."""
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -33,6 +37,7 @@ def test_tiny_check_reports_every_step(check, tmp_path, monkeypatch):
     environment, _, deform = report["steps"]
     assert environment["figures"]["torch"] == torch.__version__
     assert environment["figures"]["saltnet"]  # imported, not "IMPORT FAILED"
+    assert "gather, torchvision" in environment["figures"]["deform_backends"]
     assert "detectron2" in environment["tables"]["collect_env"]
     assert "| smoke | torchvision |" in deform["tables"]["deformable conv"]
     markdown = (tmp_path / "report.md").read_text()
@@ -77,3 +82,71 @@ def test_targets_are_the_issue_ratios(check):
     assert check.model_targets("triton", models) == {
         "triton: SALT-Net / FCOS train_b8_amp_it_s (target >= 0.8)": 0.75
     }
+
+
+def test_targets_from_the_lines_a_timeout_leaves(check):
+    """benchmark_deform.py prints "<label> <shape>: {json}" per shape as it goes."""
+    rows = {"torchvision": {"fwd_bwd_ms": 90.0}, "triton bf16": {"fwd_bwd_ms": 20.0},
+            "dense bf16 CL": {"fwd_bwd_ms": 8.0}}
+    output = f"device: X\nP3 (8, 256, 100, 168, 1): {json.dumps(rows)}\nP4 (8, 256,"
+    results = check._printed_results(output)
+    assert list(results) == ["P3"]
+    assert check.deform_targets(results)["P3 torchvision fp32 / triton bf16 (target >= 3)"] == 4.5
+    table = check._table_from_output(output)
+    assert table.splitlines()[0] == "| name | method | fwd_bwd_ms |"
+    assert "| P3 | triton bf16 | 20 |" in table
+
+
+def test_essentials_run_first(check):
+    assert list(check.STEPS) == ["environment", "compile_kernels", "cuda_tests", "train_step",
+                                 "train_net", "deform_speed", "model_speed", "train_step_all"]
+    plain, dcnx, plugin = check.ESSENTIAL_CONFIGS
+    assert plain.startswith("salt_R_50") and "dcnx" in dcnx and plugin.startswith("plugin/")
+
+
+def _fake_steps(check, monkeypatch, seconds):
+    """STEPS with a fast environment (CPU) and steps that print a table as they go, each
+    running ``seconds[name]`` (a timeout of 1 s: 3 s on the CPU)."""
+
+    def environment(ctx, result, timeout):
+        ctx.cuda, ctx.tiny = False, True
+
+    def step(ctx, result, timeout):
+        script = ("import json, sys, time\n"
+                  f"print('{result.name} row: ' + json.dumps({{'ms': 1.5}}), flush=True)\n"
+                  f"time.sleep({seconds[result.name]})")
+        output = check.run(ctx, result, [sys.executable, "-c", script], timeout)
+        result.tables["speed"] = check._table_from_output(output)
+
+    monkeypatch.setattr(check, "STEPS", {"environment": (environment, 5), "first": (step, 1),
+                                         "second": (step, 1), "third": (step, 1)})
+
+
+def test_report_keeps_every_table_when_a_step_times_out(check, tmp_path, monkeypatch):
+    _fake_steps(check, monkeypatch, {"first": 0, "second": 30, "third": 0})
+    code = check.main(["--out", str(tmp_path), "--steps", "third", "second", "first"])
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [s["name"] for s in report["steps"]] == ["environment", "first", "second", "third"]
+    statuses = [s["status"] for s in report["steps"]]
+    assert statuses == ["pass", "pass", "fail: -c: timed out after 3 s", "pass"] and code == 1
+    markdown = (tmp_path / "report.md").read_text()
+    for name in ("first", "second", "third"):  # the timed-out step's partial table too
+        assert f"| {name} row | 1.5 |" in markdown
+
+
+def test_time_budget_skips_the_last_steps(check, tmp_path, monkeypatch):
+    _fake_steps(check, monkeypatch, {"first": 0, "second": 2, "third": 0})
+    monkeypatch.setattr(check, "MIN_STEP_S", 0.8)  # 2.4 s on the CPU
+    check.main(["--out", str(tmp_path), "--budget", "1.2"])  # 3.6 s on the CPU
+    report = json.loads((tmp_path / "report.json").read_text())
+    statuses = {s["name"]: s["status"] for s in report["steps"]}
+    assert statuses["first"] == "pass"
+    assert statuses["third"].startswith("skipped: ") and "time budget left" in statuses["third"]
+
+
+def test_check_sh_requires_out(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    proc = subprocess.run(["bash", str(REPO_ROOT / "tools/device/check.sh")], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert "OUT is not set" in proc.stdout

@@ -250,6 +250,30 @@ def test_kernels_compile_for_hopper_without_a_gpu(dtype):
         assert compiled.asm["cubin"], kernel.fn.__name__
 
 
+@pytest.mark.skipif(INTERPRETED_RUN, reason="compiles, needs no interpreter")
+def test_sizes_and_strides_share_the_compiled_variants():
+    """Spatial sizes and strides are unspecialised: a forward and backward of any of them is
+    the same three compilations per dtype and mask, which the check compiles ahead; one of
+    them compiles for sm_90 the way the check's workers do."""
+    pytest.importorskip("triton.backends.nvidia")
+    from triton.backends.compiler import GPUTarget
+
+    sys.path.insert(0, str(REPO_ROOT / "tools" / "device"))
+    import compile_kernels
+
+    target = GPUTarget("cuda", 90, 32)
+    convs = [compile_kernels.Conv(256, 256, 1, stride, True, False, torch.float32, size)
+             for stride in (1, 2) for size in (3, 16, 37)]
+    found = compile_kernels.variants(convs, target)
+    assert sorted(name for name, *_ in found.values()) == [
+        "_forward_kernel", "_grad_input_kernel", "_grad_weight_kernel"]
+    other = [c._replace(dtype=torch.bfloat16) for c in convs] + [convs[0]._replace(modulated=False)]
+    assert len(compile_kernels.variants(convs + other, target)) == 9
+    forward = next(v for v in found.values() if v[0] == "_forward_kernel")
+    seconds, launcher_built = compile_kernels._compile(*forward, target, launcher=False)
+    assert seconds > 0 and not launcher_built
+
+
 def _quick_model_grads(backend, state=None):
     """Losses and parameter gradients of one SALT-Net training step (the tests' tiny model, one
     64 x 64 image) on the given deformable-conv backend."""

@@ -8,7 +8,8 @@
 For each shape (N x C x H x W, C -> C channels, stride 1, padding 1, offsets of a few pixels):
 forward and forward+backward milliseconds (median over --iters after --warmup) of torchvision's
 ``deform_conv2d`` (fp32), the ``gather`` backend (fp32), the Triton kernels (fp32, bf16) and a
-dense ``conv2d`` (fp32, bf16, bf16 channels-last); the ratio of each to the bf16 channels-last
+dense ``conv2d`` (fp32, bf16, bf16 channels-last), and through the layer any other backend of
+``saltnet.layers.available_backends()`` (fp32); the ratio of each to the bf16 channels-last
 dense conv and to torchvision; each method's largest output difference from torchvision
 relative to torchvision's largest output (fp32 methods should be ~1e-6); and, apart, the time of
 the first forward and forward+backward, where Triton compiles its kernels.
@@ -26,6 +27,7 @@ import torch
 from torch.nn import functional as F
 from torchvision.ops import deform_conv2d
 
+from saltnet.layers import DeformConv, available_backends
 from saltnet.layers.deform_conv import _triton_module
 from saltnet.layers.gather_deform import gather_deform_conv2d
 
@@ -64,6 +66,10 @@ def methods(device):
         table["triton fp32"] = (torch.float32, False, triton_fn)
         table["triton bf16"] = (torch.bfloat16, False, triton_fn)
 
+    for backend in available_backends():  # the others that run here, by name
+        if backend != "auto" and not any(name.split()[0] == backend for name in table):
+            table[backend] = (torch.float32, False, _through_layer(backend))
+
     def dense(x, o, w, g):
         return F.conv2d(x, w, padding=1, groups=g)
 
@@ -71,6 +77,18 @@ def methods(device):
     table["dense bf16"] = (torch.bfloat16, False, dense)
     table[REFERENCE] = (torch.bfloat16, True, dense)
     return table
+
+
+def _through_layer(backend):
+    """fn(x, offset, weight, groups): a DeformConv on ``backend`` (padding 1, no bias) with
+    this weight."""
+
+    def fn(x, o, w, g):
+        with torch.device("meta"):  # no memory, no initialisation: the weight is w
+            layer = DeformConv(x.shape[1], w.shape[0], 3, padding=1, groups=g, backend=backend)
+        return torch.func.functional_call(layer, {"weight": w}, (x, o))
+
+    return fn
 
 
 def _sync(device):

@@ -1,17 +1,21 @@
 #!/usr/bin/env python
 """One training step of every paper config and both plug-ins, in each precision and on each
-deformable-conv backend, from the same weights and batch (step c of ``tools/device/check.sh``).
+deformable-conv backend, from the same weights and batch (steps train_step and train_step_all of
+``tools/device/check.py``).
 
     python tools/device/train_step.py --output steps.json    # CUDA: float32, float16, bfloat16
     python tools/device/train_step.py --tiny --configs salt_R_50_FPN_1x.yaml
+    python tools/device/train_step.py --precisions bfloat16 --backends auto
 
 Per (config, precision, backend): the losses are finite, every trainable parameter receives a
 gradient (what DDP's unused-parameter check catches) and, for float16, the GradScaler's unscaled
 gradients are finite or the step is skipped as detectron2's AMPTrainer does. The second backend's
-total loss is compared with the first's: within ``TOLERANCE`` of it, relative. CUDA compares
-``triton`` with ``torchvision`` in float32 and the AMP precisions of ``SOLVER.AMP.PRECISION``
-(float16 with the GradScaler, bfloat16); the CPU compares ``gather`` with ``torchvision`` in
-float32 (``--tiny`` images, automatically without CUDA).
+total loss of each further backend is compared with the first's: within ``TOLERANCE`` of it,
+relative. By default CUDA compares every deformable-conv backend that runs here with
+``torchvision`` in float32 and the AMP precisions of ``SOLVER.AMP.PRECISION`` (float16 with the
+GradScaler, bfloat16); the CPU compares ``gather`` with ``torchvision`` in float32 (``--tiny``
+images, automatically without CUDA). The table is printed again after each config, so that a
+run stopped early still shows what it did.
 """
 
 import argparse
@@ -26,6 +30,7 @@ from detectron2.utils.events import EventStorage
 
 from saltnet.config.checks import AMP_PRECISIONS
 from saltnet.config.load import build_model, load_config
+from saltnet.layers import BACKENDS, available_backends
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
@@ -139,22 +144,26 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="64 px images, batch 1 (CPU default)")
     parser.add_argument("--configs", nargs="+", default=CONFIGS, help="paths under configs/")
+    parser.add_argument("--precisions", nargs="+", choices=list(TOLERANCE),
+                        help="default: float32 and the AMP precisions on CUDA, float32 on the CPU")
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS,
+                        help="deformable-conv backends, the first the reference; default: every "
+                             "one that runs on CUDA, torchvision first; gather on the CPU")
     parser.add_argument("--output", help="also write the rows as JSON here")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     tiny = args.tiny or not cuda
-    precisions = ["float32", *AMP_PRECISIONS] if cuda else ["float32"]
-    backends = ["torchvision", "triton"] if cuda else ["torchvision", "gather"]
+    precisions = args.precisions or (["float32", *AMP_PRECISIONS] if cuda else ["float32"])
+    cuda_backends = [b for b in available_backends() if b not in ("auto", "torchvision")]
+    backends = args.backends or ["torchvision"] + (cuda_backends if cuda else ["gather"])
     size, batch = (64, 1) if tiny else (512, 2)
     rows = []
     for config in args.configs:
-        config_rows = check_config(config, device, precisions, backends, size, batch)
-        print(json.dumps(config_rows), flush=True)
-        rows += config_rows
-        if args.output:  # after each config: a timeout keeps what was done
+        rows += check_config(config, device, precisions, backends, size, batch)
+        print(format_table(rows), flush=True)  # after each config: a timeout keeps what was done
+        if args.output:
             Path(args.output).write_text(json.dumps(rows, indent=2))
-    print(format_table(rows))
     return 0 if all(r["ok"] for r in rows) else 1
 
 

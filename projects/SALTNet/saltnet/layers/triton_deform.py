@@ -18,18 +18,26 @@ are. Triton decides when this module is imported whether its kernels run compile
 interpreted on CPU tensors (``TRITON_INTERPRET=1``, for tests).
 """
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 from triton import knobs
 
-__all__ = ["INTERPRETED", "triton_deform_conv2d", "unsupported"]
+__all__ = ["INTERPRETED", "kernel_launches", "triton_deform_conv2d", "unsupported"]
 
 # True if this module's kernels run on Triton's CPU interpreter (TRITON_INTERPRET=1 at import).
 INTERPRETED = bool(knobs.runtime.interpret)
 
 # 3 x 3 kernel points, raster order; a constexpr so that the kernels can read it too.
 _POINTS = tl.constexpr(9)
+# Triton compiles a kernel again for each new combination of its integer arguments that equal 1
+# or divide by 16. The spatial sizes, strides and paddings change with every image size and
+# pyramid level and gain nothing from it (they index rows, one offset pair per row): left
+# unspecialised, a kernel compiles once per dtype, mask and channel tiling. The channel counts
+# stay specialised: divisible by 16, the channel-contiguous loads and stores vectorise.
+_UNSPECIALISED = ["M", "H", "W", "HWo", "Wo", "stride_h", "stride_w", "pad_h", "pad_w"]
 
 
 def unsupported(x, weight, stride, padding, dilation, deformable_groups) -> str:
@@ -123,7 +131,7 @@ def _rows(pid_m, M, HWo, Wo, BLOCK_M: tl.constexpr):
     return n.to(tl.int64), p, p // Wo, p % Wo, m_ok, rm
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def _forward_kernel(
     x_ptr, off_ptr, mask_ptr, w_ptr, b_ptr, out_ptr,
     M, H, W, C, Cg, Og, Cout, HWo, Wo, stride_h, stride_w, pad_h, pad_w,
@@ -158,7 +166,7 @@ def _forward_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def _grad_weight_kernel(
     x_ptr, off_ptr, mask_ptr, gout_ptr, gw_ptr,
     M, H, W, C, Cg, Og, Cout, HWo, Wo, stride_h, stride_w, pad_h, pad_w,
@@ -192,7 +200,7 @@ def _grad_weight_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def _grad_input_kernel(
     x_ptr, off_ptr, mask_ptr, w_ptr, gout_ptr, gx_ptr, goff_ptr, gmask_ptr,
     M, H, W, C, Cg, Og, Cout, HWo, Wo, stride_h, stride_w, pad_h, pad_w,
@@ -264,6 +272,79 @@ def _blocks(c_per_group: int, out_per_group: int):
     return 64, block_n, block_k
 
 
+class _Plan(NamedTuple):
+    """What the kernels of one call share: their integer arguments (``geometry``: M, H, W, C,
+    C / groups, C_out / groups, C_out, Ho x Wo, Wo, stride, padding), the number of groups,
+    the tiles (BLOCK_M, BLOCK_N, BLOCK_K) and how ``tl.dot`` multiplies (``_NATIVE``...)."""
+
+    geometry: tuple
+    groups: int
+    blocks: tuple
+    dot: int
+
+
+def _plan(x, offset, w, stride, padding, groups) -> _Plan:
+    """The plan of a call with inputs in kernel layout (see :class:`_TritonDeformConv`)."""
+    n, height, width, c_in = x.shape
+    h_out, w_out = offset.shape[-2:]
+    c_out = w.shape[1]
+    geometry = (n * h_out * w_out, height, width, c_in, c_in // groups, c_out // groups, c_out,
+                h_out * w_out, w_out, *stride, *padding)
+    if x.dtype in (torch.float32, torch.float64):
+        dot = _IEEE
+    else:
+        dot = _WIDEN_BF16 if INTERPRETED and x.dtype == torch.bfloat16 else _NATIVE
+    return _Plan(geometry, groups, _blocks(c_in // groups, c_out // groups), dot)
+
+
+def _forward_launch(plan, x, offset, mask, w, bias, out):
+    """(kernel, grid, arguments, constexprs) of the forward kernel."""
+    rows, out_per_group = plan.geometry[0], plan.geometry[5]
+    block_m, block_n, block_k = plan.blocks
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(out_per_group, block_n), plan.groups)
+    dummy = offset  # stands in for an absent mask / bias pointer (never read)
+    args = (x, offset, dummy if mask is None else mask, w, dummy if bias is None else bias, out,
+            *plan.geometry)
+    flags = dict(HAS_MASK=mask is not None, HAS_BIAS=bias is not None, DOT=plan.dot,
+                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    return _forward_kernel, grid, args, flags
+
+
+def _backward_launches(plan, x, offset, mask, w, grad_out, grad_w, grad_x, grad_offset,
+                       grad_mask):
+    """[(kernel, grid, arguments, constexprs)] of the weight-gradient and the input-gradient
+    kernels, in launch order."""
+    rows, _, _, _, c_per_group, out_per_group = plan.geometry[:6]
+    block_m, block_n, block_k = plan.blocks
+    flags = dict(HAS_MASK=mask is not None, DOT=plan.dot,
+                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    mask_arg = offset if mask is None else mask
+    weight_grid = (_POINTS.value * triton.cdiv(c_per_group, block_k),
+                   triton.cdiv(out_per_group, block_n), plan.groups)
+    input_grid = (triton.cdiv(rows, block_m), _POINTS.value, plan.groups)
+    return [
+        (_grad_weight_kernel, weight_grid,
+         (x, offset, mask_arg, grad_out, grad_w, *plan.geometry), flags),
+        (_grad_input_kernel, input_grid,
+         (x, offset, mask_arg, w, grad_out, grad_x, grad_offset, grad_mask, *plan.geometry),
+         flags),
+    ]
+
+
+def _launch(kernel, grid, args, flags):
+    kernel[grid](*args, **flags)
+
+
+def _backward_outputs(x, offset, mask, w):
+    """Zeroed / empty gradients of (w, x, offset, mask) in the coordinate dtype, as the
+    backward kernels write them (the input and offset gradients by atomic adds)."""
+    ct = offset.dtype
+    return (torch.empty(w.shape, device=x.device, dtype=ct),
+            torch.zeros(x.shape, device=x.device, dtype=ct),
+            torch.zeros_like(offset),
+            torch.zeros_like(offset) if mask is None else torch.zeros_like(mask))
+
+
 class _TritonDeformConv(torch.autograd.Function):
     """Inputs already in kernel layout: x (N, H, W, C) contiguous in the operand dtype; offset
     (N, 18, Ho, Wo) and mask (N, 9, Ho, Wo) or None, contiguous in the coordinate dtype;
@@ -271,53 +352,22 @@ class _TritonDeformConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, offset, mask, w, bias, stride, padding, groups):
-        n, height, width, c_in = x.shape
-        h_out, w_out = offset.shape[-2:]
-        c_out = w.shape[1]
-        rows = n * h_out * w_out
-        out = torch.empty(rows, c_out, device=x.device, dtype=x.dtype)
-        geometry = (rows, height, width, c_in, c_in // groups, c_out // groups, c_out,
-                    h_out * w_out, w_out, *stride, *padding)
-        block_m, block_n, block_k = _blocks(c_in // groups, c_out // groups)
-        grid = (triton.cdiv(rows, block_m), triton.cdiv(c_out // groups, block_n), groups)
-        if x.dtype in (torch.float32, torch.float64):
-            dot = _IEEE
-        else:
-            dot = _WIDEN_BF16 if INTERPRETED and x.dtype == torch.bfloat16 else _NATIVE
-        dummy = offset  # stands in for an absent mask / bias pointer (never read)
-        _forward_kernel[grid](
-            x, offset, dummy if mask is None else mask, w, dummy if bias is None else bias,
-            out, *geometry, HAS_MASK=mask is not None, HAS_BIAS=bias is not None, DOT=dot,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        )
+        plan = _plan(x, offset, w, stride, padding, groups)
+        out = torch.empty(plan.geometry[0], w.shape[1], device=x.device, dtype=x.dtype)
+        _launch(*_forward_launch(plan, x, offset, mask, w, bias, out))
         ctx.save_for_backward(x, offset, mask, w)
-        ctx.geometry, ctx.groups, ctx.has_bias = geometry, groups, bias is not None
-        ctx.blocks, ctx.dot = (block_m, block_n, block_k), dot
+        ctx.plan, ctx.has_bias = plan, bias is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, offset, mask, w = ctx.saved_tensors
-        groups, (block_m, block_n, block_k) = ctx.groups, ctx.blocks
-        rows, _, _, _, c_per_group, out_per_group = ctx.geometry[:6]
         grad_out = grad_out.to(x.dtype).contiguous()
-        ct = offset.dtype
-        flags = dict(HAS_MASK=mask is not None, DOT=ctx.dot,
-                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
-        mask_arg = offset if mask is None else mask
-        grad_w = torch.empty(w.shape, device=x.device, dtype=ct)
-        grid = (_POINTS.value * triton.cdiv(c_per_group, block_k),
-                triton.cdiv(out_per_group, block_n), groups)
-        _grad_weight_kernel[grid](x, offset, mask_arg, grad_out, grad_w, *ctx.geometry, **flags)
-        grad_x = torch.zeros(x.shape, device=x.device, dtype=ct)
-        grad_offset = torch.zeros_like(offset)
-        grad_mask = torch.zeros_like(offset) if mask is None else torch.zeros_like(mask)
-        grid = (triton.cdiv(rows, block_m), _POINTS.value, groups)
-        _grad_input_kernel[grid](
-            x, offset, mask_arg, w, grad_out, grad_x, grad_offset, grad_mask, *ctx.geometry,
-            **flags,
-        )
-        grad_bias = grad_out.sum(0, dtype=ct) if ctx.has_bias else None
+        grads = _backward_outputs(x, offset, mask, w)
+        for launch in _backward_launches(ctx.plan, x, offset, mask, w, grad_out, *grads):
+            _launch(*launch)
+        grad_w, grad_x, grad_offset, grad_mask = grads
+        grad_bias = grad_out.sum(0, dtype=offset.dtype) if ctx.has_bias else None
         return (grad_x, grad_offset, None if mask is None else grad_mask, grad_w, grad_bias,
                 None, None, None)
 
@@ -329,6 +379,24 @@ def _operand_dtype(x):
     return x.dtype
 
 
+def _kernel_inputs(x, offset, mask, weight, bias, dtype):
+    """x, offset, mask, w, bias in kernel layout (see :class:`_TritonDeformConv`), operands in
+    ``dtype``, and the number of convolution groups."""
+    c_out, c_per_group = weight.shape[:2]
+    coords = torch.float64 if dtype == torch.float64 else torch.float32
+    return (
+        x.to(dtype).permute(0, 2, 3, 1).contiguous(),
+        offset.to(coords).contiguous(),
+        None if mask is None else mask.to(coords).contiguous(),
+        # contiguous: the kernels index it so, and with one input channel per group the
+        # permuted weight reshapes to a strided view.
+        weight.to(dtype).permute(2, 3, 1, 0).reshape(_POINTS.value * c_per_group, c_out)
+        .contiguous(),
+        None if bias is None else bias.to(coords),
+        x.shape[1] // c_per_group,
+    )
+
+
 def triton_deform_conv2d(x, offset, mask, weight, bias, stride, padding, dilation):
     """The arguments of ``torchvision.ops.deform_conv2d`` (``unsupported`` must return "").
 
@@ -336,23 +404,24 @@ def triton_deform_conv2d(x, offset, mask, weight, bias, stride, padding, dilatio
     (N, 9, H_out, W_out) or None; weight (C_out, C_in / groups, 3, 3); bias (C_out,) or None
     -> (N, C_out, H_out, W_out) in the operand dtype, channels-last memory.
     """
-    n, c_in = x.shape[:2]
-    c_out, c_per_group = weight.shape[:2]
+    n, c_out = x.shape[0], weight.shape[0]
     h_out, w_out = offset.shape[-2:]
     dtype = _operand_dtype(x)
-    coords = torch.float64 if dtype == torch.float64 else torch.float32
     with torch.autocast(x.device.type, enabled=False):
-        out = _TritonDeformConv.apply(
-            x.to(dtype).permute(0, 2, 3, 1).contiguous(),
-            offset.to(coords).contiguous(),
-            None if mask is None else mask.to(coords).contiguous(),
-            # contiguous: the kernels index it so, and with one input channel per group the
-            # permuted weight reshapes to a strided view.
-            weight.to(dtype).permute(2, 3, 1, 0).reshape(_POINTS.value * c_per_group, c_out)
-            .contiguous(),
-            None if bias is None else bias.to(coords),
-            tuple(stride),
-            tuple(padding),
-            c_in // c_per_group,
-        )
+        x_, offset_, mask_, w, bias_, groups = _kernel_inputs(x, offset, mask, weight, bias, dtype)
+        out = _TritonDeformConv.apply(x_, offset_, mask_, w, bias_, tuple(stride),
+                                      tuple(padding), groups)
     return out.view(n, h_out, w_out, c_out).permute(0, 3, 1, 2)
+
+
+def kernel_launches(x, offset, mask, weight, bias, stride, padding, dtype):
+    """What a forward and backward of :func:`triton_deform_conv2d` with these arguments and
+    operand ``dtype`` launch, as [(kernel, grid, arguments, constexprs)], launching nothing:
+    a compile ahead of the run warms up these kernels with these arguments. The spatial sizes
+    are unspecialised, so tensors of one pixel (on any device) name the same variants as the
+    full-size ones."""
+    x, offset, mask, w, bias, groups = _kernel_inputs(x, offset, mask, weight, bias, dtype)
+    plan = _plan(x, offset, w, tuple(stride), tuple(padding), groups)
+    out = torch.empty(plan.geometry[0], w.shape[1], device=x.device, dtype=x.dtype)
+    return [_forward_launch(plan, x, offset, mask, w, bias, out)] + _backward_launches(
+        plan, x, offset, mask, w, out, *_backward_outputs(x, offset, mask, w))
