@@ -134,7 +134,7 @@ def measure(model, args, amp_dtype):
     model.eval()
     for batch_size in args.infer_batch:
         inputs = make_batch(batch_size, args.height, args.width, args.boxes)
-        for amp in (False, True):
+        for amp in args.amp_modes:
             key = f"infer_b{batch_size}_{'amp' if amp else 'fp32'}_img_s"
 
             def infer():
@@ -147,7 +147,7 @@ def measure(model, args, amp_dtype):
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     inputs = make_batch(args.train_batch, args.height, args.width, args.boxes)
-    for amp in (False, True):
+    for amp in args.amp_modes:
         key = f"train_b{args.train_batch}_{'amp' if amp else 'fp32'}_it_s"
 
         def step():
@@ -276,6 +276,11 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--amp-dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    parser.add_argument(
+        "--no-amp",
+        action="store_true",
+        help="fp32 only (on CPUs without bfloat16 arithmetic, e.g. AVX2, AMP takes many minutes)",
+    )
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--output", help="also write the results as JSON here")
     parser.add_argument(
@@ -288,6 +293,7 @@ def main(argv=None):
         "--profile", action="store_true", help="time nothing: profile fp32 inference (batch 1)"
     )
     args = parser.parse_args(argv)
+    args.amp_modes = (False,) if args.no_amp else (False, True)
     if args.plot:
         all_results = json.loads(Path(args.plot).read_text())
         print(format_table(all_results))
