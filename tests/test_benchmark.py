@@ -69,3 +69,21 @@ def test_chart_has_one_bar_per_measured_throughput(tmp_path):
     assert [b.get_height() for b in infer.patches] == [4.0, 6.0, 5.0]  # no bar for the failure
     assert [b.get_height() for b in train.patches] == [1.5, 2.0]  # memory is not a throughput
     assert [t.get_text() for t in infer.get_xticklabels()] == ["infer_b1_fp32", "infer_b1_amp"]
+
+
+@pytest.mark.slow
+def test_no_amp_measures_fp32_only(tmp_path):
+    out = tmp_path / "bench.json"
+    tool = REPO_ROOT / "tools" / "benchmark.py"
+    done = subprocess.run(
+        [sys.executable, str(tool), "--smoke", "--no-amp", "--models", "SALT-Net R50-FPN",
+         "--output", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    salt = json.loads(out.read_text())["SALT-Net R50-FPN"]
+    assert isinstance(salt["infer_b1_fp32_img_s"], float) and salt["infer_b1_fp32_img_s"] > 0
+    assert isinstance(salt["train_b2_fp32_it_s"], float) and salt["train_b2_fp32_it_s"] > 0
+    assert not [key for key in salt if "_amp_" in key], sorted(salt)

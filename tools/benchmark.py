@@ -130,11 +130,12 @@ def autocast(device, enabled, dtype):
 
 def measure(model, args, amp_dtype):
     device = next(model.parameters()).device
+    amp_modes = (False,) if args.no_amp else (False, True)
     results = {}
     model.eval()
     for batch_size in args.infer_batch:
         inputs = make_batch(batch_size, args.height, args.width, args.boxes)
-        for amp in args.amp_modes:
+        for amp in amp_modes:
             key = f"infer_b{batch_size}_{'amp' if amp else 'fp32'}_img_s"
 
             def infer():
@@ -147,7 +148,7 @@ def measure(model, args, amp_dtype):
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     inputs = make_batch(args.train_batch, args.height, args.width, args.boxes)
-    for amp in args.amp_modes:
+    for amp in amp_modes:
         key = f"train_b{args.train_batch}_{'amp' if amp else 'fp32'}_it_s"
 
         def step():
@@ -293,7 +294,6 @@ def main(argv=None):
         "--profile", action="store_true", help="time nothing: profile fp32 inference (batch 1)"
     )
     args = parser.parse_args(argv)
-    args.amp_modes = (False,) if args.no_amp else (False, True)
     if args.plot:
         all_results = json.loads(Path(args.plot).read_text())
         print(format_table(all_results))
