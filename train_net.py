@@ -19,6 +19,7 @@ Datasets besides detectron2's builtin ones are registered from the config: ``DAT
 ``NAME=voc:VOC_DIR:SPLIT[:CLASSES]`` specs; ``saltnet_synth_{train,val}`` need none.
 """
 
+import saltnet  # noqa: F401  # isort: skip (first: it filters known third-party warnings)
 import os
 
 from detectron2.engine import default_argument_parser

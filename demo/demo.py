@@ -15,6 +15,7 @@ A LazyConfig (``.py``) works too, with ``key=value`` options, e.g. detectron2's 
 classification (blue) sampling points of the SALT operator at the location each came from.
 """
 
+import saltnet  # noqa: F401  # isort: skip (first: it filters known third-party warnings)
 import argparse
 import glob
 import os

@@ -10,6 +10,7 @@ The pictures are drawn by detectron2's ``Visualizer`` as in ``demo/demo.py`` (wi
 point sets).
 """
 
+import saltnet  # noqa: F401  # isort: skip (first: it filters known third-party warnings)
 import argparse
 import glob
 import os

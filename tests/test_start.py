@@ -1,5 +1,10 @@
 """A readable start: the config, the environment report and the model go to files in the output
-folder, the terminal (here a captured, non-tty stdout) gets neither them nor colour codes."""
+folder, the terminal (here a captured, non-tty stdout) gets neither them nor colour codes, nor
+known third-party warnings."""
+
+import subprocess
+import sys
+import warnings
 
 from detectron2.engine import default_argument_parser
 from helpers import REPO_ROOT
@@ -7,6 +12,7 @@ from helpers import REPO_ROOT
 from saltnet.config.load import load_config
 from saltnet.engine import SALTNetTrainer
 from saltnet.engine.setup import setup
+from saltnet.utils.known_warnings import KNOWN_WARNINGS, ignore_known_warnings
 
 CONFIG = str(REPO_ROOT / "configs" / "quick_schedule" / "salt_R_18_synthetic.yaml")
 
@@ -28,3 +34,27 @@ def test_setup_and_model_print_go_to_the_output_folder(tmp_path, capsys):
     assert "Running with full config" in log and "Environment info" in log
     assert (tmp_path / "config.yaml").read_text().startswith("CUDNN_BENCHMARK")
     assert "SALTHead(" in (tmp_path / "model.txt").read_text()
+
+
+def test_known_warnings_are_filtered_by_message_and_module():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ignore_known_warnings()
+        for message, category, module in KNOWN_WARNINGS:
+            text, source = message.replace("\\", ""), module.replace("\\", "")  # literal texts
+            warnings.warn_explicit(text, category, "third_party.py", 1, module=source)
+            warnings.warn_explicit(text, category, "ours.py", 1, module="saltnet.elsewhere")
+        warnings.warn_explicit("another", FutureWarning, "x.py", 1, module="torch.jit._script")
+    shown = [(str(w.message), w.filename) for w in caught]
+    assert [filename for _, filename in shown] == ["ours.py"] * len(KNOWN_WARNINGS) + ["x.py"]
+
+
+def test_a_lazyconfig_start_prints_no_known_warning():
+    """Importing saltnet first (as the entry points do) hides the warnings that detectron2's import
+    and LazyConfig loading raise; ``-W default`` would show them otherwise."""
+    lazy = REPO_ROOT / "configs" / "quick_schedule" / "fcos_salt_R_18_synthetic.py"
+    code = f"import saltnet; saltnet.load_config({str(lazy)!r}, [])"
+    run = subprocess.run(
+        [sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, check=True
+    )
+    assert "Warning" not in run.stderr, run.stderr

@@ -21,6 +21,7 @@ of the throughput ratios. ``--profile`` times nothing either: it prints each mod
 self CPU time over --iters fp32 inferences at batch 1 (``torch.profiler``).
 """
 
+import saltnet  # noqa: F401  # isort: skip (first: it filters known third-party warnings)
 import argparse
 import json
 import time

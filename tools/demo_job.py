@@ -13,6 +13,7 @@ one machine, but depends on the CPU model and the deformable-conv backend (measu
 docs/BENCHMARKS.md, "make demo"). Extra ``KEY VALUE`` arguments override the config.
 """
 
+import saltnet  # noqa: F401  # isort: skip (first: it filters known third-party warnings)
 import argparse
 import logging
 import os

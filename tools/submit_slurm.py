@@ -14,6 +14,7 @@ saves it (``saltnet.engine.PreemptionHook``), then submitit requeues the job, wh
 again with ``--resume``. See docs/CLUSTERS.md.
 """
 
+import saltnet  # noqa: F401  # isort: skip (first: it filters known third-party warnings)
 import copy
 import os
 import sys

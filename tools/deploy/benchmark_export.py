@@ -11,6 +11,7 @@ the network, post-processing. Prints the median of ``--iters`` runs after one wa
 each runtime's ratio to eager.
 """
 
+import saltnet  # noqa: F401  # isort: skip (first: it filters known third-party warnings)
 import argparse
 import os
 import statistics

@@ -11,6 +11,7 @@ The tool writes ``model.ts`` or ``model.onnx`` into ``--output``, prints its inp
 and checks the exported model against PyTorch on the sample image.
 """
 
+import saltnet  # noqa: F401  # isort: skip (first: it filters known third-party warnings)
 import argparse
 import os
 import sys
