@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Sets up the project-local virtual environment .venv, installing only what is missing:
 #   1. torch + torchvision: an importable, working pair is kept; else torch==2.14.1 torchvision==0.29.1.
-#   2. detectron2: an importable detectron2 (e.g. your source build) is never touched; else the
+#   2. requirements.txt (detectron2's runtime requirements with their pins, and ours).
+#   3. detectron2: an importable detectron2 (e.g. your source build) is never touched; else the
 #      pure-Python detectron2 from the sal-detectron2==0.7.2 wheel (see DEVELOPERS.md).
-#   3. requirements.txt (detectron2's runtime requirements with their pins, and ours).
 #   4. this project, editable.
 #   5. Debian's slurm-wlm and munge (the real Slurm cluster of tests/test_slurm.py), where missing
 #      and this runs as root with apt-get; elsewhere those tests skip and say why.
@@ -37,21 +37,24 @@ else
   installed+=("torch")
 fi
 
-if kept=$("$py" -c 'import detectron2, os; print(detectron2.__version__, "at", os.path.dirname(detectron2.__file__))' 2>/dev/null); then
-  say "detectron2: keeping $kept"
-else
-  site=$("$py" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-  say "detectron2: installing the pure-Python part of $DETECTRON2_WHEEL into $site"
-  pip install --no-deps --only-binary=:all: --python-version 3.10 --target "$site" "$DETECTRON2_WHEEL"
-  installed+=("detectron2")
-fi
-
 if "$py" scripts/requirements_met.py requirements.txt; then
   say "requirements.txt: all met"
 else
   say "requirements.txt: installing what is missing"
   pip install -r requirements.txt
   installed+=("requirements")
+fi
+
+if kept=$("$py" -c 'import detectron2, os; print(detectron2.__version__, "at", os.path.dirname(detectron2.__file__))' 2>/dev/null); then
+  say "detectron2: keeping $kept"
+else
+  site=$("$py" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  say "detectron2: installing the pure-Python part of $DETECTRON2_WHEEL into $site"
+  # After requirements.txt, and without dependencies: the wheel's metadata asks for numpy<2,
+  # which detectron2's Python code does not need; pip checks declared dependencies only
+  # when it resolves them, so this order keeps its resolver error out of the output.
+  pip install --no-deps --only-binary=:all: --python-version 3.10 --target "$site" "$DETECTRON2_WHEEL"
+  installed+=("detectron2")
 fi
 
 # Where "import saltnet" would load it from, without importing it (and torch with it).
