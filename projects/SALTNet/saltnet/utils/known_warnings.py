@@ -13,8 +13,12 @@ import warnings
 KNOWN_WARNINGS = (
     # detectron2 scripts a few functions at import time; torch deprecates torch.jit.script.
     (r"`torch\.jit\.script` is deprecated", FutureWarning, r"torch\.jit\._script"),
-    # detectron2's LazyConfig loader imports pkg_resources (pinned: setuptools<82).
-    (r"pkg_resources is deprecated as an API", UserWarning, r"detectron2\.config\.lazy"),
+    # detectron2's LazyConfig loader and model zoo import pkg_resources (pinned: setuptools<82).
+    (
+        r"pkg_resources is deprecated as an API",
+        UserWarning,
+        r"detectron2\.(config\.lazy|model_zoo\.model_zoo)",
+    ),
 )
 
 
