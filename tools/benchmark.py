@@ -268,7 +268,7 @@ def plot_throughput(all_results, path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--smoke", action="store_true", help="tiny CPU run (CI): 128 x 160 px, each mode once"
+        "--smoke", action="store_true", help="tiny CPU run (CI): 64 x 64 px, each mode once"
     )
     parser.add_argument("--height", type=int, default=800)
     parser.add_argument("--width", type=int, default=1333)
@@ -301,7 +301,7 @@ def main(argv=None):
         plot_throughput(all_results, Path(args.plot).with_suffix(".png"))
         return
     if args.smoke:
-        args.height, args.width, args.infer_batch, args.train_batch = 128, 160, [1, 2], 2
+        args.height, args.width, args.infer_batch, args.train_batch = 64, 64, [1, 2], 2
         args.warmup, args.iters = 0, 1
 
     name = torch.cuda.get_device_name() if _device() == "cuda" else "CPU"
