@@ -85,23 +85,48 @@ def test_sbatch_on_two_nodes_trains_as_two_processes_on_one_machine(slurm, spawn
     assert _differing(_final_weights(tmp_path / "out"), spawned_run) == []
 
 
-def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm, synthetic_root, tmp_path):
-    # Data-loader workers (which Slurm's SIGTERM reaches too), 12 iterations; the same run
-    # spawned on this machine at the same time gives the weights to compare with.
-    opts = [*DIST_OPTS, "SOLVER.MAX_ITER", "12", "DATALOADER.NUM_WORKERS", "1"]
-    opts += ["DATASETS.TEST", "()"]
-    reference = subprocess.Popen(
+# 12 iterations with a data-loader worker (which Slurm's signals reach too), no evaluation: the
+# runs that are stopped and resumed.
+RESUMED_OPTS = [*DIST_OPTS, "SOLVER.MAX_ITER", "12", "DATALOADER.NUM_WORKERS", "1"]
+RESUMED_OPTS += ["DATASETS.TEST", "()"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_weights(slurm, tmp_path_factory):
+    """The final weights of ``RESUMED_OPTS`` spawned on this machine (``--num-gpus 2``), without
+    Slurm: the weights every stopped and resumed run must end with. Started at the first test
+    that asks for it, so that it runs beside that test's job; ``get()`` waits for it."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    proc = subprocess.Popen(
         [sys.executable, "train_net.py", "--config-file", QUICK_YAML, "--num-gpus", "2"]
-        + [*opts, "OUTPUT_DIR", str(tmp_path / "reference")],
+        + [*RESUMED_OPTS, "OUTPUT_DIR", str(out)],
         cwd=REPO_ROOT,
         env=dict(slurm.env, SLURM_CONF="/nonexistent"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+    weights = {}
+
+    def get():
+        if not weights:
+            log = proc.communicate(timeout=300)[0]
+            assert proc.returncode == 0, log[-3000:]
+            weights.update(_final_weights(out))
+        return weights
+
+    yield get
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes_exactly(
+    slurm, uninterrupted_weights, tmp_path
+):
     job, log = _sbatch(
         slurm, tmp_path, "--partition=low", "--nodes=2", "--ntasks-per-node=1", "--",
-        "--config-file", QUICK_YAML, *opts, "OUTPUT_DIR", tmp_path / "out",
+        "--config-file", QUICK_YAML, *RESUMED_OPTS, "OUTPUT_DIR", tmp_path / "out",
     )  # fmt: skip
     _wait_for(log, r"Starting training from iteration 0")
     slurm.run("sbatch", "--partition=high", f"--nodelist={NODES[0]}", "--output=/dev/null",
@@ -118,10 +143,96 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm, synthetic
     assert iteration < 11, text[-3000:]
     assert f"model_{iteration:07d}.pth" in os.listdir(tmp_path / "out")
     assert f"Starting training from iteration {iteration + 1}" in text
-    ref_log = reference.communicate(timeout=300)[0]
-    assert reference.returncode == 0, ref_log[-3000:]
-    reference_weights = _final_weights(tmp_path / "reference")
-    assert _differing(_final_weights(tmp_path / "out"), reference_weights) == []
+    assert _differing(_final_weights(tmp_path / "out"), uninterrupted_weights()) == []
+
+
+def _run_seconds(slurm, job):
+    """How long the job has run (``scontrol``'s RunTime, [D-]HH:MM:SS)."""
+    days, _, clock = slurm.job(job)["RunTime"].rpartition("-")
+    hours, minutes, seconds = map(int, clock.split(":"))
+    return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+def test_time_limit_warning_checkpoints_requeues_resumes_and_finishes(
+    slurm, uninterrupted_weights, tmp_path
+):
+    """``--time`` with ``--signal=USR1@360``: the warning signal that slurmctld itself sends to
+    the steps when the job comes within 360 s of its time limit (its time-limit check runs
+    every 30 s, ``PERIODIC_TIMEOUT``). The limit is in minutes, so instead of waiting minutes
+    the test lowers it with ``scontrol update JobId=.. TimeLimit=..`` to 5-6 minutes past the
+    job's run time: the next check sends the warning, as it would 6 minutes before a real limit
+    (the limit itself stays 5 minutes away, so ``OverTimeLimit`` and ``KillWait`` never come
+    into play: the run is gone long before). Once the job has requeued itself the test gives
+    the limit back (10 minutes), so that the rerun is not warned at once. To spend no CPU while
+    waiting for the controller's check, the step's processes are stopped (``scancel
+    --signal=STOP``, steps only); the warning comes with the SIGCONT Slurm sends before it.
+    Expected: checkpoint of the current iteration, ``Restarts=1``, resumed, finished with the
+    uninterrupted run's weights."""
+    job, log = _sbatch(
+        slurm, tmp_path, "--nodes=1", "--ntasks-per-node=2", "--time=10", "--signal=USR1@360",
+        "--", "--config-file", QUICK_YAML, *RESUMED_OPTS, "OUTPUT_DIR", tmp_path / "out",
+    )  # fmt: skip
+    _wait_for(log, r"Starting training from iteration 0")
+    slurm.run("scancel", "--signal=STOP", job)
+    limit = -(-_run_seconds(slurm, job) // 60) + 5  # minutes: the limit 300-359 s away
+    slurm.run("scontrol", "update", f"JobId={job}", f"TimeLimit={limit}")
+    deadline = time.monotonic() + 120
+    while slurm.job(job)["Restarts"] == "0":
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.3)
+    slurm.run("scontrol", "update", f"JobId={job}", "TimeLimit=10")
+    fields = slurm.wait_job(job)
+    text = log.read_text()
+    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", text[-4000:]
+    match = re.search(r"SIGUSR1 received: stopping after iteration (\d+)", text)
+    assert match, text[-3000:]
+    iteration = int(match.group(1))
+    assert f"model_{iteration:07d}.pth" in os.listdir(tmp_path / "out")
+    assert f"Requeued Slurm job {job}" in text
+    assert f"Starting training from iteration {iteration + 1}" in text
+    assert _differing(_final_weights(tmp_path / "out"), uninterrupted_weights()) == []
+
+
+def test_torchrun_in_an_srun_step_stops_on_the_steps_signal_with_a_checkpoint(slurm, tmp_path):
+    """torchrun (``--nproc_per_node 2``) as the one task of an srun step, with the signals it
+    must pass on exported as docs/CLUSTERS.md says and train.sbatch does (``PET_SIGNALS_TO_HANDLE``,
+    torchrun's ``--signals-to-handle``, which overrides ``TORCHELASTIC_SIGNALS_TO_HANDLE``):
+    ``scancel --signal=USR1 JOB.0`` signals every process of the step, torchrun's agent and its
+    workers. The workers write one checkpoint of the current iteration and exit with 75; the
+    agent passes the signal on, waits for them and exits with 1 (torchrun reports a signal as a
+    failure), which srun returns."""
+    out = tmp_path / "out"
+    name = f"saltnet-torchrun-{tmp_path.name}"
+    signals = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
+    proc = subprocess.Popen(
+        ["srun", "--nodes=1", "--ntasks=1", "--cpus-per-task=2", f"--job-name={name}"]
+        + [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        + ["train_net.py", "--config-file", QUICK_YAML, *RESUMED_OPTS, "OUTPUT_DIR", str(out)],
+        cwd=REPO_ROOT,
+        env=dict(slurm.env, PET_SIGNALS_TO_HANDLE=signals, TORCHELASTIC_SIGNALS_TO_HANDLE=signals),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines = []
+    for line in proc.stdout:  # until rank 0 trains
+        lines.append(line)
+        if "Starting training from iteration 0" in line:
+            break
+    else:
+        pytest.fail("".join(lines)[-3000:])
+    job = slurm.run("squeue", "-h", f"--name={name}", "-o", "%A").stdout.strip()
+    slurm.run("scancel", "--signal=USR1", f"{job}.0")
+    text = "".join(lines) + proc.communicate(timeout=180)[0]
+    assert proc.returncode == 1, text[-3000:]
+    stopped = re.findall(r"SIGUSR1 received: stopping after iteration (\d+)", text)
+    assert len(set(stopped)) == 1, text[-3000:]  # every rank, the same iteration
+    iteration = int(stopped[0])
+    assert (out / "last_checkpoint").read_text() == f"model_{iteration:07d}.pth"
+    checkpoint = torch.load(out / f"model_{iteration:07d}.pth", weights_only=False)
+    assert checkpoint["iteration"] == iteration
+    assert not (out / "model_final.pth").exists()
+    assert text.count("Saving checkpoint to") == 1, text[-3000:]
 
 
 def test_interactive_step_trains_alone_without_waiting_for_ranks(slurm, tmp_path):
