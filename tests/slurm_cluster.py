@@ -4,7 +4,9 @@
 own key and socket), one ``slurmctld`` and two ``slurmd`` (nodes ``saltnet-n1`` and
 ``saltnet-n2``, both this machine at 127.0.0.1, each on its own port); :meth:`SlurmCluster.stop`
 ends them by their process ids. Two partitions make preemption happen: jobs of ``high`` preempt
-jobs of ``low`` (``PreemptMode=REQUEUE`` with a ``GraceTime``). Clients find the cluster
+jobs of ``low`` (``PreemptMode=REQUEUE`` with a ``GraceTime``; at its start the job's
+``--signal`` signal, else SIGTERM: ``SlurmctldParameters=preempt_send_user_signal``, which
+Slurm 22.05 reads there and not from ``SchedulerParameters``). Clients find the cluster
 through ``SLURM_CONF`` (:attr:`SlurmCluster.env`).
 
 Debian's ``slurm-wlm`` and ``munge`` provide the programs (the README's ``make test`` installs
@@ -13,6 +15,7 @@ until Ctrl-C, for trying the commands of docs/CLUSTERS.md by hand.
 """
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -24,11 +27,15 @@ from typing import Dict, List, Optional
 
 NODES = ("saltnet-n1", "saltnet-n2")
 PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol")
+# The states of a job that is not over (SIGNALING: preempted, within its GraceTime).
+UNFINISHED = ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD",
+              "SUSPENDED", "SIGNALING")  # fmt: skip
 # Seconds a preempted job of the low partition has to stop before Slurm requeues it by force.
 GRACE_TIME = 20
 
 CONFIG = """\
 ClusterName=saltnet
+FirstJobId={first_job_id}
 SlurmctldHost={host}
 SlurmctldPort={ctld_port}
 AuthType=auth/munge
@@ -54,7 +61,8 @@ JobRequeue=1
 KillWait=10
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
-SchedulerParameters=preempt_send_user_signal,sched_interval=2
+SchedulerParameters=sched_interval=2
+SlurmctldParameters=preempt_send_user_signal
 NodeName={node1} NodeAddr=127.0.0.1 Port={node1_port} CPUs=2 RealMemory=1000 State=UNKNOWN
 NodeName={node2} NodeAddr=127.0.0.1 Port={node2_port} CPUs=2 RealMemory=1000 State=UNKNOWN
 PartitionName=low Nodes=ALL Default=YES PriorityTier=1 PreemptMode=REQUEUE GraceTime={grace} \
@@ -119,6 +127,10 @@ class SlurmCluster:
                 node1=NODES[0],
                 node2=NODES[1],
                 grace=GRACE_TIME,
+                # Training derives its port from the job id (saltnet.engine.launch), and every
+                # "node" here is this machine: clusters of test sessions running side by side
+                # (another checkout's) must not number their jobs alike.
+                first_job_id=random.randrange(1000, 1_000_000),
                 **ports,
             )
         )
@@ -171,13 +183,28 @@ class SlurmCluster:
         deadline = time.monotonic() + timeout
         while True:
             fields = self.job(job_id)
-            if fields["JobState"] not in ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING",
-                                          "REQUEUED", "REQUEUE_HOLD", "SUSPENDED"):  # fmt: skip
+            if fields["JobState"] not in UNFINISHED:
                 return fields
             if time.monotonic() > deadline:
                 self.run("scancel", job_id, check=False)
                 raise TimeoutError(f"job {job_id} still {fields['JobState']} after {timeout} s")
             time.sleep(0.3)
+
+    def _kill_step_daemons(self) -> None:
+        """slurmstepd of this cluster's jobs left behind (a step that did not end when the
+        daemons stopped), found by this cluster's ``SLURM_CONF`` in their environment."""
+        for proc in Path("/proc").iterdir():
+            try:
+                if (proc / "comm").read_text().strip() != "slurmstepd":
+                    continue
+                environ = (proc / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"SLURM_CONF={self.config}".encode() in environ:
+                try:
+                    os.kill(int(proc.name), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     def stop(self) -> None:
         """Cancel what still runs, end the daemons (by pid) and remove the hosts entry."""
@@ -196,6 +223,7 @@ class SlurmCluster:
                 daemon.kill()
                 daemon.wait()
         self._daemons = []
+        self._kill_step_daemons()
         if self._hosts_line:
             hosts = Path("/etc/hosts")
             hosts.write_text(hosts.read_text().replace(self._hosts_line, ""))

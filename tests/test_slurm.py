@@ -58,11 +58,23 @@ def _differing(a, b):
     return [k for k in a if not torch.equal(a[k], b[k])]
 
 
-def _wait_for(path, pattern, timeout=180):
+def _wait_for(log, pattern, timeout=180, slurm=None, job=None):
+    """Wait until ``log`` (a path, or a function returning the text) has a line matching
+    ``pattern``; fail at ``timeout`` or once ``job`` (of ``slurm``) has ended without one."""
+    read = log if callable(log) else lambda: log.read_text() if log.exists() else ""
     deadline = time.monotonic() + timeout
-    while not (path.exists() and re.search(pattern, path.read_text())):
-        assert time.monotonic() < deadline, path.read_text()[-3000:] if path.exists() else path
+    while not re.search(pattern, read()):
+        ended = job is not None and slurm.job(job)["JobState"] in ("COMPLETED", "FAILED")
+        assert time.monotonic() < deadline and not ended, read()[-3000:]
         time.sleep(0.2)
+
+
+def _preempt(slurm):
+    """Start a job of the high partition on the first node: it preempts what runs there."""
+    slurm.run("sbatch", "--partition=high", f"--nodelist={NODES[0]}", "--output=/dev/null",
+              "--wrap=true")  # fmt: skip
+    # The controller looks for jobs to preempt on its own schedule; an update makes it look now.
+    slurm.run("scontrol", "update", "PartitionName=high", "State=UP")
 
 
 @pytest.fixture(scope="module")
@@ -129,12 +141,11 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(
         "--config-file", QUICK_YAML, *RESUMED_OPTS, "OUTPUT_DIR", tmp_path / "out",
     )  # fmt: skip
     _wait_for(log, r"Starting training from iteration 0")
-    slurm.run("sbatch", "--partition=high", f"--nodelist={NODES[0]}", "--output=/dev/null",
-              "--wrap=true")  # fmt: skip
-    # The controller looks for jobs to preempt on its own schedule; an update makes it look now.
-    slurm.run("scontrol", "update", "PartitionName=high", "State=UP")
-    # Within the partition's GraceTime the job requeues itself; it starts again once the
-    # credentials of its first run have expired (AuthInfo cred_expire, 5 s here).
+    _preempt(slurm)
+    # At the start of the partition's GraceTime the job's tasks get its --signal signal
+    # (train.sbatch's SIGUSR1; SIGTERM where preempt_send_user_signal is not set); within the
+    # GraceTime the job requeues itself; it starts again once the credentials of its first run
+    # have expired (AuthInfo cred_expire, 5 s here).
     fields = slurm.wait_job(job)
     text = log.read_text()
     assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", text[-4000:]
@@ -233,6 +244,47 @@ def test_torchrun_in_an_srun_step_stops_on_the_steps_signal_with_a_checkpoint(sl
     assert checkpoint["iteration"] == iteration
     assert not (out / "model_final.pth").exists()
     assert text.count("Saving checkpoint to") == 1, text[-3000:]
+
+
+def test_submitit_job_resumes_after_a_slurm_requeue_and_after_preemption(
+    slurm, uninterrupted_weights, tmp_path
+):
+    """tools/submit_slurm.py with submitit's Slurm executor, two nodes, one task each. First
+    Slurm requeues the job by itself (``scontrol requeue``, as after a node failure: SIGTERM to
+    the steps, then the job runs again from its original submission, without ``--resume``):
+    the rerun resumes (``SLURM_RESTART_COUNT``). Then a job of the high partition preempts it
+    (``preempt_send_user_signal``: submitit's SIGUSR2 at the start of the GraceTime):
+    checkpoint, submitit's handler requeues it with ``--resume``, rank 0 exits with 255
+    (submitit's ``sys.exit(-1)``), rank 1 with 75. It ends with the uninterrupted run's
+    weights."""
+    jobs, out = tmp_path / "jobs", tmp_path / "out"
+    proc = slurm.run(
+        sys.executable, "tools/submit_slurm.py", "--cluster", "slurm", "--nodes", "2",
+        "--gpus-per-node", "0", "--cpus-per-task", "1", "--partition", "low", "--time", "10",
+        "--job-dir", str(jobs), "--config-file", QUICK_YAML, *RESUMED_OPTS, "OUTPUT_DIR", str(out),
+        cwd=REPO_ROOT,
+    )  # fmt: skip
+    job = re.search(r"Submitted job (\d+)", proc.stdout).group(1)
+
+    def text():  # rank 0's output and errors (submitit's log files), and rank 1's
+        return "".join(p.read_text() for p in sorted(jobs.glob(f"{job}_*_log.*")))
+
+    _wait_for(text, r"Starting training from iteration 0", slurm=slurm, job=job)
+    slurm.run("scontrol", "requeue", job)
+    _wait_for(text, r"SIGTERM received: stopping after iteration", slurm=slurm, job=job)
+    first = int(re.search(r"SIGTERM received: stopping after iteration (\d+)", text()).group(1))
+    _wait_for(text, rf"Starting training from iteration {first + 1}", slurm=slurm, job=job)
+    _preempt(slurm)
+    fields = slurm.wait_job(job)
+    logs = text()
+    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "2", logs[-4000:]
+    assert "SLURM_RESTART_COUNT > 0: resuming from the last checkpoint" in logs
+    second = re.search(r"SIGUSR2 received: stopping after iteration (\d+)", logs)
+    assert second, logs[-3000:]
+    second = int(second.group(1))
+    assert f"Starting training from iteration {second + 1}" in logs
+    assert "task 0: Exited with exit code 255" in logs, logs[-3000:]
+    assert _differing(_final_weights(out), uninterrupted_weights()) == []
 
 
 def test_interactive_step_trains_alone_without_waiting_for_ranks(slurm, tmp_path):
