@@ -1,12 +1,14 @@
-"""A real two-node Slurm cluster on this machine, for the tests of tests/test_slurm.py.
+"""A real Slurm cluster on this machine, for the tests of tests/test_slurm.py.
 
 :class:`SlurmCluster` writes a ``slurm.conf`` into a folder and starts a private ``munged`` (its
-own key and socket), one ``slurmctld`` and two ``slurmd`` (nodes ``saltnet-n1`` and
-``saltnet-n2``, both this machine at 127.0.0.1, each on its own port); :meth:`SlurmCluster.stop`
-ends them by their process ids. Two partitions make preemption happen: jobs of ``high`` preempt
-jobs of ``low`` (``PreemptMode=REQUEUE`` with a ``GraceTime``; at its start the job's
+own key and socket), one ``slurmctld`` and four ``slurmd`` (nodes ``saltnet-n1`` to
+``saltnet-n4``, all this machine at 127.0.0.1, each on its own port, two CPUs each);
+:meth:`SlurmCluster.stop` ends them by their process ids. Two partitions on n1 and n2 make
+preemption happen: jobs of ``high`` preempt jobs of ``low`` (the default partition,
+``PreemptMode=REQUEUE`` with a ``GraceTime``; at its start the job's
 ``--signal`` signal, else SIGTERM: ``SlurmctldParameters=preempt_send_user_signal``, which
-Slurm 22.05 reads there and not from ``SchedulerParameters``). Clients find the cluster
+Slurm 22.05 reads there and not from ``SchedulerParameters``). The partition ``side`` (n3 and
+n4) runs jobs beside them that nothing preempts. Clients find the cluster
 through ``SLURM_CONF`` (:attr:`SlurmCluster.env`).
 
 Debian's ``slurm-wlm`` and ``munge`` provide the programs (the README's ``make test`` installs
@@ -25,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-NODES = ("saltnet-n1", "saltnet-n2")
+NODES = ("saltnet-n1", "saltnet-n2", "saltnet-n3", "saltnet-n4")
 PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol")
 # The states of a job that is not over (SIGNALING: preempted, within its GraceTime).
 UNFINISHED = ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD",
@@ -63,12 +65,13 @@ PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 SchedulerParameters=sched_interval=2
 SlurmctldParameters=preempt_send_user_signal
-NodeName={node1} NodeAddr=127.0.0.1 Port={node1_port} CPUs=2 RealMemory=1000 State=UNKNOWN
-NodeName={node2} NodeAddr=127.0.0.1 Port={node2_port} CPUs=2 RealMemory=1000 State=UNKNOWN
-PartitionName=low Nodes=ALL Default=YES PriorityTier=1 PreemptMode=REQUEUE GraceTime={grace} \
-OverSubscribe=EXCLUSIVE MaxTime=INFINITE State=UP
-PartitionName=high Nodes=ALL PriorityTier=2 PreemptMode=REQUEUE MaxTime=INFINITE State=UP
+{nodes}
+PartitionName=low Nodes={n1},{n2} Default=YES PriorityTier=1 PreemptMode=REQUEUE \
+GraceTime={grace} OverSubscribe=EXCLUSIVE MaxTime=INFINITE State=UP
+PartitionName=high Nodes={n1},{n2} PriorityTier=2 PreemptMode=REQUEUE MaxTime=INFINITE State=UP
+PartitionName=side Nodes={n3},{n4} PriorityTier=1 MaxTime=INFINITE State=UP
 """
+NODE = "NodeName={} NodeAddr=127.0.0.1 Port={} CPUs=2 RealMemory=1000 State=UNKNOWN"
 
 
 def _free_port() -> int:
@@ -88,7 +91,7 @@ def unavailable_reason() -> Optional[str]:
 
 
 class SlurmCluster:
-    """munged, slurmctld and two slurmd configured in ``root`` (see the module docstring)."""
+    """munged, slurmctld and four slurmd configured in ``root`` (see the module docstring)."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -119,19 +122,18 @@ class SlurmCluster:
         for sub in ("state", "log", *(f"spool/{node}" for node in NODES)):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o755)  # munged wants its socket's folder searchable by all
-        ports = dict(ctld_port=_free_port(), node1_port=_free_port(), node2_port=_free_port())
         self.config.write_text(
             CONFIG.format(
                 host=socket.gethostname().split(".")[0],
                 root=self.root,
-                node1=NODES[0],
-                node2=NODES[1],
+                ctld_port=_free_port(),
+                nodes="\n".join(NODE.format(node, _free_port()) for node in NODES),
+                n1=NODES[0], n2=NODES[1], n3=NODES[2], n4=NODES[3],  # fmt: skip
                 grace=GRACE_TIME,
                 # Training derives its port from the job id (saltnet.engine.launch), and every
                 # "node" here is this machine: clusters of test sessions running side by side
                 # (another checkout's) must not number their jobs alike.
                 first_job_id=random.randrange(1000, 1_000_000),
-                **ports,
             )
         )
         key = self.root / "munge.key"

@@ -1,13 +1,16 @@
-"""Training on a real two-node Slurm cluster (tests/slurm_cluster.py), started once for this
-file: tools/slurm/train.sbatch across two nodes, preemption by a higher-priority partition,
-an interactive step. The cluster needs root and Debian's slurm-wlm and munge; without them the
-tests skip, except under CI=true, where they fail."""
+"""Training on a real Slurm cluster (tests/slurm_cluster.py), started once for this file:
+tools/slurm/train.sbatch across two nodes, preemption by a higher-priority partition, the time
+limit with --signal, submitit's Slurm executor, torchrun in an srun step, an interactive step.
+The time-limit job and the torchrun step run from the start, beside the others (side_runs).
+The cluster needs root and Debian's slurm-wlm and munge; without them the tests skip, except
+under CI=true, where they fail."""
 
 import os
 import re
 import shlex
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -164,9 +167,7 @@ def _run_seconds(slurm, job):
     return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
-def test_time_limit_warning_checkpoints_requeues_resumes_and_finishes(
-    slurm, uninterrupted_weights, tmp_path
-):
+def _time_limit_run(slurm, out_dir):
     """``--time`` with ``--signal=USR1@360``: the warning signal that slurmctld itself sends to
     the steps when the job comes within 360 s of its time limit (its time-limit check runs
     every 30 s, ``PERIODIC_TIMEOUT``). The limit is in minutes, so instead of waiting minutes
@@ -177,13 +178,13 @@ def test_time_limit_warning_checkpoints_requeues_resumes_and_finishes(
     the limit back (10 minutes), so that the rerun is not warned at once. To spend no CPU while
     waiting for the controller's check, the step's processes are stopped (``scancel
     --signal=STOP``, steps only); the warning comes with the SIGCONT Slurm sends before it.
-    Expected: checkpoint of the current iteration, ``Restarts=1``, resumed, finished with the
-    uninterrupted run's weights."""
+    Returns the job id, its fields at the end and its output."""
     job, log = _sbatch(
-        slurm, tmp_path, "--nodes=1", "--ntasks-per-node=2", "--time=10", "--signal=USR1@360",
-        "--", "--config-file", QUICK_YAML, *RESUMED_OPTS, "OUTPUT_DIR", tmp_path / "out",
+        slurm, out_dir, "--partition=side", "--nodes=1", "--ntasks-per-node=2", "--time=10",
+        "--signal=USR1@360", "--",
+        "--config-file", QUICK_YAML, *RESUMED_OPTS, "OUTPUT_DIR", out_dir / "out",
     )  # fmt: skip
-    _wait_for(log, r"Starting training from iteration 0")
+    _wait_for(log, r"Starting training from iteration 0", timeout=300)
     slurm.run("scancel", "--signal=STOP", job)
     limit = -(-_run_seconds(slurm, job) // 60) + 5  # minutes: the limit 300-359 s away
     slurm.run("scontrol", "update", f"JobId={job}", f"TimeLimit={limit}")
@@ -192,31 +193,23 @@ def test_time_limit_warning_checkpoints_requeues_resumes_and_finishes(
         assert time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.3)
     slurm.run("scontrol", "update", f"JobId={job}", "TimeLimit=10")
-    fields = slurm.wait_job(job)
-    text = log.read_text()
-    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", text[-4000:]
-    match = re.search(r"SIGUSR1 received: stopping after iteration (\d+)", text)
-    assert match, text[-3000:]
-    iteration = int(match.group(1))
-    assert f"model_{iteration:07d}.pth" in os.listdir(tmp_path / "out")
-    assert f"Requeued Slurm job {job}" in text
-    assert f"Starting training from iteration {iteration + 1}" in text
-    assert _differing(_final_weights(tmp_path / "out"), uninterrupted_weights()) == []
+    return job, slurm.wait_job(job), log.read_text()
 
 
-def test_torchrun_in_an_srun_step_stops_on_the_steps_signal_with_a_checkpoint(slurm, tmp_path):
+def _torchrun_step_run(slurm, out_dir):
     """torchrun (``--nproc_per_node 2``) as the one task of an srun step, with the signals it
     must pass on exported as docs/CLUSTERS.md says and train.sbatch does (``PET_SIGNALS_TO_HANDLE``,
     torchrun's ``--signals-to-handle``, which overrides ``TORCHELASTIC_SIGNALS_TO_HANDLE``):
     ``scancel --signal=USR1 JOB.0`` signals every process of the step, torchrun's agent and its
     workers. The workers write one checkpoint of the current iteration and exit with 75; the
     agent passes the signal on, waits for them and exits with 1 (torchrun reports a signal as a
-    failure), which srun returns."""
-    out = tmp_path / "out"
-    name = f"saltnet-torchrun-{tmp_path.name}"
+    failure), which srun returns. Returns srun's exit code and output."""
+    out = out_dir / "out"
+    name = f"saltnet-torchrun-{out_dir.name}"
     signals = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
     proc = subprocess.Popen(
-        ["srun", "--nodes=1", "--ntasks=1", "--cpus-per-task=2", f"--job-name={name}"]
+        ["srun", "--partition=side", "--nodes=1", "--ntasks=1", "--cpus-per-task=2"]
+        + [f"--job-name={name}"]
         + [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
         + ["train_net.py", "--config-file", QUICK_YAML, *RESUMED_OPTS, "OUTPUT_DIR", str(out)],
         cwd=REPO_ROOT,
@@ -235,15 +228,7 @@ def test_torchrun_in_an_srun_step_stops_on_the_steps_signal_with_a_checkpoint(sl
     job = slurm.run("squeue", "-h", f"--name={name}", "-o", "%A").stdout.strip()
     slurm.run("scancel", "--signal=USR1", f"{job}.0")
     text = "".join(lines) + proc.communicate(timeout=180)[0]
-    assert proc.returncode == 1, text[-3000:]
-    stopped = re.findall(r"SIGUSR1 received: stopping after iteration (\d+)", text)
-    assert len(set(stopped)) == 1, text[-3000:]  # every rank, the same iteration
-    iteration = int(stopped[0])
-    assert (out / "last_checkpoint").read_text() == f"model_{iteration:07d}.pth"
-    checkpoint = torch.load(out / f"model_{iteration:07d}.pth", weights_only=False)
-    assert checkpoint["iteration"] == iteration
-    assert not (out / "model_final.pth").exists()
-    assert text.count("Saving checkpoint to") == 1, text[-3000:]
+    return proc.returncode, text
 
 
 def test_submitit_job_resumes_after_a_slurm_requeue_and_after_preemption(
@@ -309,3 +294,73 @@ def test_interactive_step_trains_alone_without_waiting_for_ranks(slurm, tmp_path
     assert "rc=0" in proc.stdout, log[-3000:]
     assert "World size: 1" in log
     assert (tmp_path / "model_final.pth").is_file()
+
+
+class _Background(threading.Thread):
+    """``function(*args)`` in a thread; :meth:`result` waits for it and returns its value or
+    raises its exception (an assertion of the run fails the test that asks for it)."""
+
+    def __init__(self, function, *args):
+        super().__init__(daemon=True)
+        self._call = lambda: function(*args)
+        self._value = self._error = None
+
+    def run(self):
+        try:
+            self._value = self._call()
+        except BaseException as e:  # noqa: B902 (pytest.fail's exception included)
+            self._error = e
+
+    def result(self, timeout=600):
+        self.join(timeout)
+        assert not self.is_alive(), "still running"
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+@pytest.fixture(scope="module", autouse=True)
+def side_runs(slurm, tmp_path_factory):
+    """The time-limit job and the torchrun step run on the partition ``side`` (nodes n3, n4)
+    from the start of this file, beside the other tests' jobs on n1 and n2: most of their time
+    is spent waiting for Slurm (the controller's time-limit check, a requeue)."""
+    runs = {}
+    for name, function in [("time_limit", _time_limit_run), ("torchrun", _torchrun_step_run)]:
+        out_dir = tmp_path_factory.mktemp(name)
+        runs[name] = (_Background(function, slurm, out_dir), out_dir / "out")
+        runs[name][0].start()
+    yield runs
+    for run, _ in runs.values():
+        run.join(timeout=300)
+
+
+def test_time_limit_warning_checkpoints_requeues_resumes_and_finishes(
+    side_runs, uninterrupted_weights
+):
+    # See _time_limit_run: checkpoint of the current iteration, Restarts=1, resumed, finished
+    # with the uninterrupted run's weights.
+    run, out = side_runs["time_limit"]
+    job, fields, text = run.result()
+    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", text[-4000:]
+    match = re.search(r"SIGUSR1 received: stopping after iteration (\d+)", text)
+    assert match, text[-3000:]
+    iteration = int(match.group(1))
+    assert f"model_{iteration:07d}.pth" in os.listdir(out)
+    assert f"Requeued Slurm job {job}" in text
+    assert f"Starting training from iteration {iteration + 1}" in text
+    assert _differing(_final_weights(out), uninterrupted_weights()) == []
+
+
+def test_torchrun_in_an_srun_step_stops_on_the_steps_signal_with_a_checkpoint(side_runs):
+    # See _torchrun_step_run.
+    run, out = side_runs["torchrun"]
+    returncode, text = run.result()
+    assert returncode == 1, text[-3000:]
+    stopped = re.findall(r"SIGUSR1 received: stopping after iteration (\d+)", text)
+    assert len(set(stopped)) == 1, text[-3000:]  # every rank, the same iteration
+    iteration = int(stopped[0])
+    assert (out / "last_checkpoint").read_text() == f"model_{iteration:07d}.pth"
+    checkpoint = torch.load(out / f"model_{iteration:07d}.pth", weights_only=False)
+    assert checkpoint["iteration"] == iteration
+    assert not (out / "model_final.pth").exists()
+    assert text.count("Saving checkpoint to") == 1, text[-3000:]
