@@ -1,13 +1,14 @@
 """A real Slurm cluster on this machine, for the tests of tests/test_slurm.py.
 
 :class:`SlurmCluster` writes a ``slurm.conf`` into a folder and starts a private ``munged`` (its
-own key and socket), one ``slurmctld`` and four ``slurmd`` (nodes ``saltnet-n1`` to
-``saltnet-n4``, all this machine at 127.0.0.1, each on its own port, two CPUs each);
+own key and socket), one ``slurmctld`` and six ``slurmd`` (nodes ``saltnet-n1`` to
+``saltnet-n6``, all this machine at 127.0.0.1, each on its own port, two CPUs each);
 :meth:`SlurmCluster.stop` ends them by their process ids. Two partitions on n1 and n2 make
 preemption happen: jobs of ``high`` preempt jobs of ``low`` (the default partition,
 ``PreemptMode=REQUEUE`` with a ``GraceTime``; at its start the job's
 ``--signal`` signal, else SIGTERM: ``SlurmctldParameters=preempt_send_user_signal``, which
-Slurm 22.05 reads there and not from ``SchedulerParameters``). The partition ``side`` (n3 and
+Slurm 22.05 reads there and not from ``SchedulerParameters``); ``high2`` and ``low2`` are the
+same on n5 and n6, for a second such test at the same time. The partition ``side`` (n3 and
 n4) runs jobs beside them that nothing preempts. Clients find the cluster
 through ``SLURM_CONF`` (:attr:`SlurmCluster.env`).
 
@@ -27,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-NODES = ("saltnet-n1", "saltnet-n2", "saltnet-n3", "saltnet-n4")
+NODES = tuple(f"saltnet-n{i}" for i in range(1, 7))
 PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol")
 # The states of a job that is not over (SIGNALING: preempted, within its GraceTime).
 UNFINISHED = ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD",
@@ -70,6 +71,9 @@ PartitionName=low Nodes={n1},{n2} Default=YES PriorityTier=1 PreemptMode=REQUEUE
 GraceTime={grace} OverSubscribe=EXCLUSIVE MaxTime=INFINITE State=UP
 PartitionName=high Nodes={n1},{n2} PriorityTier=2 PreemptMode=REQUEUE MaxTime=INFINITE State=UP
 PartitionName=side Nodes={n3},{n4} PriorityTier=1 MaxTime=INFINITE State=UP
+PartitionName=low2 Nodes={n5},{n6} PriorityTier=1 PreemptMode=REQUEUE GraceTime={grace} \
+OverSubscribe=EXCLUSIVE MaxTime=INFINITE State=UP
+PartitionName=high2 Nodes={n5},{n6} PriorityTier=2 PreemptMode=REQUEUE MaxTime=INFINITE State=UP
 """
 NODE = "NodeName={} NodeAddr=127.0.0.1 Port={} CPUs=2 RealMemory=1000 State=UNKNOWN"
 
@@ -91,7 +95,7 @@ def unavailable_reason() -> Optional[str]:
 
 
 class SlurmCluster:
-    """munged, slurmctld and four slurmd configured in ``root`` (see the module docstring)."""
+    """munged, slurmctld and six slurmd configured in ``root`` (see the module docstring)."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -128,7 +132,7 @@ class SlurmCluster:
                 root=self.root,
                 ctld_port=_free_port(),
                 nodes="\n".join(NODE.format(node, _free_port()) for node in NODES),
-                n1=NODES[0], n2=NODES[1], n3=NODES[2], n4=NODES[3],  # fmt: skip
+                **{f"n{i}": node for i, node in enumerate(NODES, 1)},
                 grace=GRACE_TIME,
                 # Training derives its port from the job id (saltnet.engine.launch), and every
                 # "node" here is this machine: clusters of test sessions running side by side

@@ -1,7 +1,7 @@
 """Training on a real Slurm cluster (tests/slurm_cluster.py), started once for this file:
 tools/slurm/train.sbatch across two nodes, preemption by a higher-priority partition, the time
 limit with --signal, submitit's Slurm executor, torchrun in an srun step, an interactive step.
-The time-limit job and the torchrun step run from the start, beside the others (side_runs).
+The time-limit, torchrun and submitit jobs run from the start, beside the others (side_runs).
 The cluster needs root and Debian's slurm-wlm and munge; without them the tests skip, except
 under CI=true, where they fail."""
 
@@ -72,12 +72,12 @@ def _wait_for(log, pattern, timeout=180, slurm=None, job=None):
         time.sleep(0.2)
 
 
-def _preempt(slurm):
-    """Start a job of the high partition on the first node: it preempts what runs there."""
-    slurm.run("sbatch", "--partition=high", f"--nodelist={NODES[0]}", "--output=/dev/null",
+def _preempt(slurm, partition="high", node=NODES[0]):
+    """Start a job of the high partition on its first node: it preempts what runs there."""
+    slurm.run("sbatch", f"--partition={partition}", f"--nodelist={node}", "--output=/dev/null",
               "--wrap=true")  # fmt: skip
     # The controller looks for jobs to preempt on its own schedule; an update makes it look now.
-    slurm.run("scontrol", "update", "PartitionName=high", "State=UP")
+    slurm.run("scontrol", "update", f"PartitionName={partition}", "State=UP")
 
 
 @pytest.fixture(scope="module")
@@ -231,47 +231,6 @@ def _torchrun_step_run(slurm, out_dir):
     return proc.returncode, text
 
 
-def test_submitit_job_resumes_after_a_slurm_requeue_and_after_preemption(
-    slurm, uninterrupted_weights, tmp_path
-):
-    """tools/submit_slurm.py with submitit's Slurm executor, two nodes, one task each. First
-    Slurm requeues the job by itself (``scontrol requeue``, as after a node failure: SIGTERM to
-    the steps, then the job runs again from its original submission, without ``--resume``):
-    the rerun resumes (``SLURM_RESTART_COUNT``). Then a job of the high partition preempts it
-    (``preempt_send_user_signal``: submitit's SIGUSR2 at the start of the GraceTime):
-    checkpoint, submitit's handler requeues it with ``--resume``, rank 0 exits with 255
-    (submitit's ``sys.exit(-1)``), rank 1 with 75. It ends with the uninterrupted run's
-    weights."""
-    jobs, out = tmp_path / "jobs", tmp_path / "out"
-    proc = slurm.run(
-        sys.executable, "tools/submit_slurm.py", "--cluster", "slurm", "--nodes", "2",
-        "--gpus-per-node", "0", "--cpus-per-task", "1", "--partition", "low", "--time", "10",
-        "--job-dir", str(jobs), "--config-file", QUICK_YAML, *RESUMED_OPTS, "OUTPUT_DIR", str(out),
-        cwd=REPO_ROOT,
-    )  # fmt: skip
-    job = re.search(r"Submitted job (\d+)", proc.stdout).group(1)
-
-    def text():  # rank 0's output and errors (submitit's log files), and rank 1's
-        return "".join(p.read_text() for p in sorted(jobs.glob(f"{job}_*_log.*")))
-
-    _wait_for(text, r"Starting training from iteration 0", slurm=slurm, job=job)
-    slurm.run("scontrol", "requeue", job)
-    _wait_for(text, r"SIGTERM received: stopping after iteration", slurm=slurm, job=job)
-    first = int(re.search(r"SIGTERM received: stopping after iteration (\d+)", text()).group(1))
-    _wait_for(text, rf"Starting training from iteration {first + 1}", slurm=slurm, job=job)
-    _preempt(slurm)
-    fields = slurm.wait_job(job)
-    logs = text()
-    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "2", logs[-4000:]
-    assert "SLURM_RESTART_COUNT > 0: resuming from the last checkpoint" in logs
-    second = re.search(r"SIGUSR2 received: stopping after iteration (\d+)", logs)
-    assert second, logs[-3000:]
-    second = int(second.group(1))
-    assert f"Starting training from iteration {second + 1}" in logs
-    assert "task 0: Exited with exit code 255" in logs, logs[-3000:]
-    assert _differing(_final_weights(out), uninterrupted_weights()) == []
-
-
 def test_interactive_step_trains_alone_without_waiting_for_ranks(slurm, tmp_path):
     # srun --pty's shell in a step of two tasks per node: what is typed there is not one of them.
     opts = ["SOLVER.MAX_ITER", "2", "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path)]
@@ -294,6 +253,37 @@ def test_interactive_step_trains_alone_without_waiting_for_ranks(slurm, tmp_path
     assert "rc=0" in proc.stdout, log[-3000:]
     assert "World size: 1" in log
     assert (tmp_path / "model_final.pth").is_file()
+
+
+def _submitit_run(slurm, out_dir):
+    """tools/submit_slurm.py with submitit's Slurm executor, two nodes (partition low2, n5 and
+    n6), one task each. First
+    Slurm requeues the job by itself (``scontrol requeue``, as after a node failure: SIGTERM to
+    the steps, then the job runs again from its original submission, without ``--resume``):
+    the rerun resumes (``SLURM_RESTART_COUNT``). Then a job of the high partition preempts it
+    (``preempt_send_user_signal``: submitit's SIGUSR2 at the start of the GraceTime):
+    checkpoint, submitit's handler requeues it with ``--resume``, rank 0 exits with 255
+    (submitit's ``sys.exit(-1)``), rank 1 with 75. Returns the job id, its fields at the end
+    and the tasks' output."""
+    jobs, out = out_dir / "jobs", out_dir / "out"
+    proc = slurm.run(
+        sys.executable, "tools/submit_slurm.py", "--cluster", "slurm", "--nodes", "2",
+        "--gpus-per-node", "0", "--cpus-per-task", "1", "--partition", "low2", "--time", "10",
+        "--job-dir", str(jobs), "--config-file", QUICK_YAML, *RESUMED_OPTS, "OUTPUT_DIR", str(out),
+        cwd=REPO_ROOT,
+    )  # fmt: skip
+    job = re.search(r"Submitted job (\d+)", proc.stdout).group(1)
+
+    def text():  # rank 0's output and errors (submitit's log files), and rank 1's
+        return "".join(p.read_text() for p in sorted(jobs.glob(f"{job}_*_log.*")))
+
+    _wait_for(text, r"Starting training from iteration 0", 300, slurm=slurm, job=job)
+    slurm.run("scontrol", "requeue", job)
+    _wait_for(text, r"SIGTERM received: stopping after iteration", slurm=slurm, job=job)
+    first = int(re.search(r"SIGTERM received: stopping after iteration (\d+)", text()).group(1))
+    _wait_for(text, rf"Starting training from iteration {first + 1}", slurm=slurm, job=job)
+    _preempt(slurm, "high2", NODES[4])
+    return job, slurm.wait_job(job), text()
 
 
 class _Background(threading.Thread):
@@ -321,11 +311,13 @@ class _Background(threading.Thread):
 
 @pytest.fixture(scope="module", autouse=True)
 def side_runs(slurm, tmp_path_factory):
-    """The time-limit job and the torchrun step run on the partition ``side`` (nodes n3, n4)
-    from the start of this file, beside the other tests' jobs on n1 and n2: most of their time
-    is spent waiting for Slurm (the controller's time-limit check, a requeue)."""
+    """The time-limit job and the torchrun step (partition ``side``, nodes n3 and n4) and the
+    submitit job (``low2``, n5 and n6) run from the start of this file, beside the other tests'
+    jobs on n1 and n2: much of their time is spent waiting for Slurm (the controller's
+    time-limit check, a requeue)."""
     runs = {}
-    for name, function in [("time_limit", _time_limit_run), ("torchrun", _torchrun_step_run)]:
+    functions = [_time_limit_run, _torchrun_step_run, _submitit_run]
+    for name, function in zip(["time_limit", "torchrun", "submitit"], functions):
         out_dir = tmp_path_factory.mktemp(name)
         runs[name] = (_Background(function, slurm, out_dir), out_dir / "out")
         runs[name][0].start()
@@ -364,3 +356,20 @@ def test_torchrun_in_an_srun_step_stops_on_the_steps_signal_with_a_checkpoint(si
     assert checkpoint["iteration"] == iteration
     assert not (out / "model_final.pth").exists()
     assert text.count("Saving checkpoint to") == 1, text[-3000:]
+
+
+def test_submitit_job_resumes_after_a_slurm_requeue_and_after_preemption(
+    side_runs, uninterrupted_weights
+):
+    # See _submitit_run: resumed after each, the uninterrupted run's weights.
+    run, out = side_runs["submitit"]
+    job, fields, logs = run.result()
+    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "2", logs[-4000:]
+    assert "SLURM_RESTART_COUNT > 0: resuming from the last checkpoint" in logs
+    first = re.search(r"SIGTERM received: stopping after iteration (\d+)", logs)
+    second = re.search(r"SIGUSR2 received: stopping after iteration (\d+)", logs)
+    assert first and second, logs[-3000:]
+    for stopped in (first, second):
+        assert f"Starting training from iteration {int(stopped.group(1)) + 1}" in logs
+    assert "task 0: Exited with exit code 255" in logs, logs[-3000:]
+    assert _differing(_final_weights(out), uninterrupted_weights()) == []
