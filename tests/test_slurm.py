@@ -310,14 +310,20 @@ class _Background(threading.Thread):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def side_runs(slurm, tmp_path_factory):
+def side_runs(request, slurm, tmp_path_factory):
     """The time-limit job and the torchrun step (partition ``side``, nodes n3 and n4) and the
     submitit job (``low2``, n5 and n6) run from the start of this file, beside the other tests'
     jobs on n1 and n2: much of their time is spent waiting for Slurm (the controller's
-    time-limit check, a requeue)."""
+    time-limit check, a requeue). Only the runs of selected tests start."""
+    selected = {item.name for item in request.session.items}
     runs = {}
-    functions = [_time_limit_run, _torchrun_step_run, _submitit_run]
-    for name, function in zip(["time_limit", "torchrun", "submitit"], functions):
+    for name, function, test in [
+        ("time_limit", _time_limit_run, "test_time_limit_warning_"),
+        ("torchrun", _torchrun_step_run, "test_torchrun_in_an_srun_step_"),
+        ("submitit", _submitit_run, "test_submitit_job_resumes_"),
+    ]:
+        if not any(item.startswith(test) for item in selected):
+            continue
         out_dir = tmp_path_factory.mktemp(name)
         runs[name] = (_Background(function, slurm, out_dir), out_dir / "out")
         runs[name][0].start()
