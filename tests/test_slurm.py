@@ -168,23 +168,25 @@ def _run_seconds(slurm, job):
 
 
 def _time_limit_run(slurm, out_dir):
-    """``--time`` with ``--signal=USR1@360``: the warning signal that slurmctld itself sends to
+    """``--time=15`` with ``--signal=USR1@360``: the warning signal that slurmctld itself sends to
     the steps when the job comes within 360 s of its time limit (its time-limit check runs
     every 30 s, ``PERIODIC_TIMEOUT``). The limit is in minutes, so instead of waiting minutes
     the test lowers it with ``scontrol update JobId=.. TimeLimit=..`` to 5-6 minutes past the
     job's run time: the next check sends the warning, as it would 6 minutes before a real limit
     (the limit itself stays 5 minutes away, so ``OverTimeLimit`` and ``KillWait`` never come
     into play: the run is gone long before). Once the job has requeued itself the test gives
-    the limit back (10 minutes), so that the rerun is not warned at once. To spend no CPU while
+    the limit back (15 minutes), so that the rerun is not warned at once. To spend no CPU while
     waiting for the controller's check, the step's processes are stopped (``scancel
     --signal=STOP``, steps only); the warning comes with the SIGCONT Slurm sends before it.
     Returns the job id, its fields at the end and its output."""
     job, log = _sbatch(
-        slurm, out_dir, "--partition=side", "--nodes=1", "--ntasks-per-node=2", "--time=10",
+        slurm, out_dir, "--partition=side", "--nodes=1", "--ntasks-per-node=2", "--time=15",
         "--signal=USR1@360", "--",
         "--config-file", QUICK_YAML, *RESUMED_OPTS, "OUTPUT_DIR", out_dir / "out",
     )  # fmt: skip
     _wait_for(log, r"Starting training from iteration 0", timeout=300)
+    # Rank 1 too (its log file): both have their handlers when the warning may come.
+    _wait_for(out_dir / "out" / "log.txt.rank1", r"Starting training from iteration 0")
     slurm.run("scancel", "--signal=STOP", job)
     limit = -(-_run_seconds(slurm, job) // 60) + 5  # minutes: the limit 300-359 s away
     slurm.run("scontrol", "update", f"JobId={job}", f"TimeLimit={limit}")
@@ -192,7 +194,7 @@ def _time_limit_run(slurm, out_dir):
     while slurm.job(job)["Restarts"] == "0":
         assert time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.3)
-    slurm.run("scontrol", "update", f"JobId={job}", "TimeLimit=10")
+    slurm.run("scontrol", "update", f"JobId={job}", "TimeLimit=15")
     return job, slurm.wait_job(job), log.read_text()
 
 
