@@ -72,6 +72,13 @@ def _wait_for(log, pattern, timeout=180, slurm=None, job=None):
         time.sleep(0.2)
 
 
+def _rank1_started(out, start=0, **kwargs):
+    """Wait until rank 1 (which logs only to ``OUTPUT_DIR/log.txt.rank1``) has started training
+    from iteration ``start``: rank 0 says so first, and a signal before rank 1 has its handlers
+    would end it."""
+    _wait_for(out / "log.txt.rank1", rf"Starting training from iteration {start}\b", **kwargs)
+
+
 def _preempt(slurm, partition="high", node=NODES[0]):
     """Start a job of the high partition on its first node: it preempts what runs there."""
     slurm.run("sbatch", f"--partition={partition}", f"--nodelist={node}", "--output=/dev/null",
@@ -144,6 +151,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(
         "--config-file", QUICK_YAML, *RESUMED_OPTS, "OUTPUT_DIR", tmp_path / "out",
     )  # fmt: skip
     _wait_for(log, r"Starting training from iteration 0")
+    _rank1_started(tmp_path / "out")
     _preempt(slurm)
     # At the start of the partition's GraceTime the job's tasks get its --signal signal
     # (train.sbatch's SIGUSR1; SIGTERM where preempt_send_user_signal is not set); within the
@@ -185,8 +193,7 @@ def _time_limit_run(slurm, out_dir):
         "--config-file", QUICK_YAML, *RESUMED_OPTS, "OUTPUT_DIR", out_dir / "out",
     )  # fmt: skip
     _wait_for(log, r"Starting training from iteration 0", timeout=300)
-    # Rank 1 too (its log file): both have their handlers when the warning may come.
-    _wait_for(out_dir / "out" / "log.txt.rank1", r"Starting training from iteration 0")
+    _rank1_started(out_dir / "out")
     slurm.run("scancel", "--signal=STOP", job)
     limit = -(-_run_seconds(slurm, job) // 60) + 5  # minutes: the limit 300-359 s away
     slurm.run("scontrol", "update", f"JobId={job}", f"TimeLimit={limit}")
@@ -227,6 +234,7 @@ def _torchrun_step_run(slurm, out_dir):
             break
     else:
         pytest.fail("".join(lines)[-3000:])
+    _rank1_started(out)
     job = slurm.run("squeue", "-h", f"--name={name}", "-o", "%A").stdout.strip()
     slurm.run("scancel", "--signal=USR1", f"{job}.0")
     text = "".join(lines) + proc.communicate(timeout=180)[0]
@@ -280,10 +288,12 @@ def _submitit_run(slurm, out_dir):
         return "".join(p.read_text() for p in sorted(jobs.glob(f"{job}_*_log.*")))
 
     _wait_for(text, r"Starting training from iteration 0", 300, slurm=slurm, job=job)
+    _rank1_started(out, slurm=slurm, job=job)
     slurm.run("scontrol", "requeue", job)
     _wait_for(text, r"SIGTERM received: stopping after iteration", slurm=slurm, job=job)
     first = int(re.search(r"SIGTERM received: stopping after iteration (\d+)", text()).group(1))
     _wait_for(text, rf"Starting training from iteration {first + 1}", slurm=slurm, job=job)
+    _rank1_started(out, first + 1, slurm=slurm, job=job)
     _preempt(slurm, "high2", NODES[4])
     return job, slurm.wait_job(job), text()
 
@@ -364,6 +374,8 @@ def test_torchrun_in_an_srun_step_stops_on_the_steps_signal_with_a_checkpoint(si
     assert checkpoint["iteration"] == iteration
     assert not (out / "model_final.pth").exists()
     assert text.count("Saving checkpoint to") == 1, text[-3000:]
+    # srun's own allocation is no batch job: nothing to requeue, and no failed attempt.
+    assert "scontrol requeue" not in text, text[-3000:]
 
 
 def test_submitit_job_resumes_after_a_slurm_requeue_and_after_preemption(
