@@ -1,10 +1,15 @@
-"""A real two-node Slurm cluster on this machine, for the tests of tests/test_slurm.py.
+"""A real Slurm cluster on this machine, for the tests of tests/test_slurm.py.
 
 :class:`SlurmCluster` writes a ``slurm.conf`` into a folder and starts a private ``munged`` (its
-own key and socket), one ``slurmctld`` and two ``slurmd`` (nodes ``saltnet-n1`` and
-``saltnet-n2``, both this machine at 127.0.0.1, each on its own port); :meth:`SlurmCluster.stop`
-ends them by their process ids. Two partitions make preemption happen: jobs of ``high`` preempt
-jobs of ``low`` (``PreemptMode=REQUEUE`` with a ``GraceTime``). Clients find the cluster
+own key and socket), one ``slurmctld`` and six ``slurmd`` (nodes ``saltnet-n1`` to
+``saltnet-n6``, all this machine at 127.0.0.1, each on its own port, two CPUs each);
+:meth:`SlurmCluster.stop` ends them by their process ids. Two partitions on n1 and n2 make
+preemption happen: jobs of ``high`` preempt jobs of ``low`` (the default partition,
+``PreemptMode=REQUEUE`` with a ``GraceTime``; at its start the job's
+``--signal`` signal, else SIGTERM: ``SlurmctldParameters=preempt_send_user_signal``, which
+Slurm 22.05 reads there and not from ``SchedulerParameters``); ``high2`` and ``low2`` are the
+same on n5 and n6, for a second such test at the same time. The partition ``side`` (n3 and
+n4) runs jobs beside them that nothing preempts. Clients find the cluster
 through ``SLURM_CONF`` (:attr:`SlurmCluster.env`).
 
 Debian's ``slurm-wlm`` and ``munge`` provide the programs (the README's ``make test`` installs
@@ -13,6 +18,7 @@ until Ctrl-C, for trying the commands of docs/CLUSTERS.md by hand.
 """
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -22,13 +28,17 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-NODES = ("saltnet-n1", "saltnet-n2")
+NODES = tuple(f"saltnet-n{i}" for i in range(1, 7))
 PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol")
+# The states of a job that is not over (SIGNALING: preempted, within its GraceTime).
+UNFINISHED = ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD",
+              "SUSPENDED", "SIGNALING")  # fmt: skip
 # Seconds a preempted job of the low partition has to stop before Slurm requeues it by force.
 GRACE_TIME = 20
 
 CONFIG = """\
 ClusterName=saltnet
+FirstJobId={first_job_id}
 SlurmctldHost={host}
 SlurmctldPort={ctld_port}
 AuthType=auth/munge
@@ -54,13 +64,18 @@ JobRequeue=1
 KillWait=10
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
-SchedulerParameters=preempt_send_user_signal,sched_interval=2
-NodeName={node1} NodeAddr=127.0.0.1 Port={node1_port} CPUs=2 RealMemory=1000 State=UNKNOWN
-NodeName={node2} NodeAddr=127.0.0.1 Port={node2_port} CPUs=2 RealMemory=1000 State=UNKNOWN
-PartitionName=low Nodes=ALL Default=YES PriorityTier=1 PreemptMode=REQUEUE GraceTime={grace} \
+SchedulerParameters=sched_interval=2
+SlurmctldParameters=preempt_send_user_signal
+{nodes}
+PartitionName=low Nodes={n1},{n2} Default=YES PriorityTier=1 PreemptMode=REQUEUE \
+GraceTime={grace} OverSubscribe=EXCLUSIVE MaxTime=INFINITE State=UP
+PartitionName=high Nodes={n1},{n2} PriorityTier=2 PreemptMode=REQUEUE MaxTime=INFINITE State=UP
+PartitionName=side Nodes={n3},{n4} PriorityTier=1 MaxTime=INFINITE State=UP
+PartitionName=low2 Nodes={n5},{n6} PriorityTier=1 PreemptMode=REQUEUE GraceTime={grace} \
 OverSubscribe=EXCLUSIVE MaxTime=INFINITE State=UP
-PartitionName=high Nodes=ALL PriorityTier=2 PreemptMode=REQUEUE MaxTime=INFINITE State=UP
+PartitionName=high2 Nodes={n5},{n6} PriorityTier=2 PreemptMode=REQUEUE MaxTime=INFINITE State=UP
 """
+NODE = "NodeName={} NodeAddr=127.0.0.1 Port={} CPUs=2 RealMemory=1000 State=UNKNOWN"
 
 
 def _free_port() -> int:
@@ -80,7 +95,7 @@ def unavailable_reason() -> Optional[str]:
 
 
 class SlurmCluster:
-    """munged, slurmctld and two slurmd configured in ``root`` (see the module docstring)."""
+    """munged, slurmctld and six slurmd configured in ``root`` (see the module docstring)."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -111,15 +126,18 @@ class SlurmCluster:
         for sub in ("state", "log", *(f"spool/{node}" for node in NODES)):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o755)  # munged wants its socket's folder searchable by all
-        ports = dict(ctld_port=_free_port(), node1_port=_free_port(), node2_port=_free_port())
         self.config.write_text(
             CONFIG.format(
                 host=socket.gethostname().split(".")[0],
                 root=self.root,
-                node1=NODES[0],
-                node2=NODES[1],
+                ctld_port=_free_port(),
+                nodes="\n".join(NODE.format(node, _free_port()) for node in NODES),
+                **{f"n{i}": node for i, node in enumerate(NODES, 1)},
                 grace=GRACE_TIME,
-                **ports,
+                # Training derives its port from the job id (saltnet.engine.launch), and every
+                # "node" here is this machine: clusters of test sessions running side by side
+                # (another checkout's) must not number their jobs alike.
+                first_job_id=random.randrange(1000, 1_000_000),
             )
         )
         key = self.root / "munge.key"
@@ -171,13 +189,28 @@ class SlurmCluster:
         deadline = time.monotonic() + timeout
         while True:
             fields = self.job(job_id)
-            if fields["JobState"] not in ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING",
-                                          "REQUEUED", "REQUEUE_HOLD", "SUSPENDED"):  # fmt: skip
+            if fields["JobState"] not in UNFINISHED:
                 return fields
             if time.monotonic() > deadline:
                 self.run("scancel", job_id, check=False)
                 raise TimeoutError(f"job {job_id} still {fields['JobState']} after {timeout} s")
             time.sleep(0.3)
+
+    def _kill_step_daemons(self) -> None:
+        """slurmstepd of this cluster's jobs left behind (a step that did not end when the
+        daemons stopped), found by this cluster's ``SLURM_CONF`` in their environment."""
+        for proc in Path("/proc").iterdir():
+            try:
+                if (proc / "comm").read_text().strip() != "slurmstepd":
+                    continue
+                environ = (proc / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"SLURM_CONF={self.config}".encode() in environ:
+                try:
+                    os.kill(int(proc.name), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     def stop(self) -> None:
         """Cancel what still runs, end the daemons (by pid) and remove the hosts entry."""
@@ -196,6 +229,7 @@ class SlurmCluster:
                 daemon.kill()
                 daemon.wait()
         self._daemons = []
+        self._kill_step_daemons()
         if self._hosts_line:
             hosts = Path("/etc/hosts")
             hosts.write_text(hosts.read_text().replace(self._hosts_line, ""))
@@ -211,4 +245,8 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         pass
     finally:
+        # A second Ctrl-C or SIGTERM must not cut the cleanup short (daemons and the hosts
+        # entry left behind).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         cluster.stop()

@@ -12,11 +12,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from stat import S_ISDIR
 from types import SimpleNamespace
 
 import pytest
 import torch
-from detectron2.engine import HookBase, SimpleTrainer, default_argument_parser
+from detectron2.engine import HookBase, SimpleTrainer, default_argument_parser, hooks
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, EventStorage
 from helpers import (
@@ -589,6 +590,54 @@ def test_lazy_config_training_stops_on_sigusr1_with_a_checkpoint(synthetic_root,
     assert (tmp_path / "last_checkpoint").read_text() == f"model_{iteration:07d}.pth"
 
 
+class _CountingCheckpointer(AtomicCheckpointer):
+    """Records the name of every checkpoint it writes."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.saved = []
+
+    def save(self, name, **kwargs):
+        self.saved.append(name)
+        super().save(name, **kwargs)
+
+
+def test_preemption_on_a_periodic_checkpoint_iteration_writes_the_checkpoint_once(tmp_path):
+    # The periodic checkpoint (every 3 iterations) of iteration 2 is the checkpoint the
+    # preemption needs: it is not written a second time.
+    model = _Linear(2, 1)
+    data = iter(lambda: torch.ones(4, 2), None)
+    trainer = SimpleTrainer(model, data, torch.optim.SGD(model.parameters(), lr=0.1))
+    checkpointer = _CountingCheckpointer(model, str(tmp_path), trainer=trainer)
+    trainer.register_hooks(
+        [
+            hooks.PeriodicCheckpointer(checkpointer, 3),
+            _SignalSelf(2, [signal.SIGUSR1]),
+            PreemptionHook(checkpointer),
+        ]
+    )
+    with pytest.raises(SystemExit) as exited:
+        trainer.train(0, 100)
+    assert exited.value.code == PREEMPTED_EXIT_CODE
+    assert checkpointer.saved == ["model_0000002"]
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000002.pth"
+
+
+def test_atomic_checkpoint_fsyncs_its_directory_after_the_rename(tmp_path, monkeypatch):
+    # The rename is an entry of the directory: the directory is flushed after it, for the
+    # checkpoint and for last_checkpoint.
+    synced, fsync = [], os.fsync
+
+    def recording_fsync(fd):
+        if S_ISDIR(os.fstat(fd).st_mode):
+            synced.append(sorted(p.name for p in tmp_path.iterdir()))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    AtomicCheckpointer(_Linear(2, 1), str(tmp_path)).save("model_0000004")
+    assert synced == [["model_0000004.pth"], ["last_checkpoint", "model_0000004.pth"]]
+
+
 # --- submitit ---------------------------------------------------------------------------------
 
 
@@ -609,6 +658,26 @@ def test_submit_slurm_requeues_with_resume():
     assert isinstance(requeued, submitit.helpers.DelayedSubmission)
     assert requeued.function.args.resume and requeued.function.args.opts == args.opts
     assert not args.resume  # the running job's arguments are left as they are
+
+
+def test_submit_slurm_local_starts_one_task_that_spawns_the_workers(tmp_path, monkeypatch):
+    """--cluster local: one task that spawns --gpus-per-node workers (gloo/NCCL on one
+    address), not one task per GPU that would each spawn them all."""
+    submitit = pytest.importorskip("submitit")
+    monkeypatch.chdir(REPO_ROOT)
+    submitted = {}
+
+    def submit(executor, job):  # what submitit would start, without starting it
+        submitted.update(executor._executor.parameters, args=job.args)
+        return SimpleNamespace(job_id="0")
+
+    monkeypatch.setattr(submitit.AutoExecutor, "submit", submit)
+    _import_submit_slurm().main(
+        ["--cluster", "local", "--gpus-per-node", "2", "--job-dir", str(tmp_path)]
+        + ["--config-file", QUICK_YAML]
+    )
+    assert submitted["tasks_per_node"] == 1
+    assert submitted["args"].num_gpus == 2 and submitted["args"].num_machines == 1
 
 
 @pytest.mark.slow

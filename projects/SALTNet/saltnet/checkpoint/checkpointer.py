@@ -4,8 +4,9 @@ checkpoint that shares no parameter with the model.
 fvcore's checkpointer writes ``model_XXXX.pth`` and ``last_checkpoint`` in place, so a crash or a
 kill during the write leaves a truncated file behind (and ``last_checkpoint`` naming it). Here
 each file is written to ``<name>.tmp`` in the same directory, flushed to disk, then renamed over
-the target with :func:`os.replace` (atomic on POSIX): readers see the old file or the new one,
-never a partial one. Local filesystems only; other storage falls back to the parent's write.
+the target with :func:`os.replace` (atomic on POSIX) and the directory flushed: readers see the
+old file or the new one, never a partial one. Local filesystems only; other storage falls back
+to the parent's write.
 
 Loading keeps detectron2's behaviour for partial matches (fine-tuning from ImageNet weights or
 with another class count: the missing and mismatched keys are logged, the rest is loaded), but a
@@ -48,8 +49,25 @@ def _check_release_checkpoint_complete(not_loaded) -> None:
         )
 
 
+def _fsync_directory(path: str) -> None:
+    """fsync the directory ``path``, so that a rename in it survives a crash of the machine;
+    a filesystem that cannot (some network ones refuse) is left as it is."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _write_atomically(path: str, write, mode: str) -> None:
-    """Run ``write(file)`` on ``path + ".tmp"``, fsync it, then rename it over ``path``."""
+    """Run ``write(file)`` on ``path + ".tmp"``, fsync it, rename it over ``path``, then fsync
+    the directory (the rename is an entry of the directory: without it a power loss may leave
+    the old file, or none, after the run went on as if saved)."""
     tmp = path + ".tmp"
     try:
         with open(tmp, mode) as f:
@@ -57,6 +75,7 @@ def _write_atomically(path: str, write, mode: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_directory(os.path.dirname(os.path.abspath(path)))
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

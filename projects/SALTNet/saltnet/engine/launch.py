@@ -404,8 +404,9 @@ def requeue_slurm_job(environ: Mapping[str, str]) -> bool:
     """Requeue the Slurm batch job this process runs in (``scontrol requeue``) if it is still
     RUNNING: stopped by a warning signal (``--signal``), submitit's, or preemption within a
     ``GraceTime``. Slurm requeues a job it preempts with ``PreemptMode=REQUEUE`` by itself, and
-    one that is cancelled or at its time limit (COMPLETING by then) is left to end. Returns
-    whether the job was requeued."""
+    one that is cancelled or at its time limit (COMPLETING by then) is left to end; only batch
+    jobs can be requeued (not the allocation ``srun`` or ``salloc`` made). Returns whether the
+    job was requeued."""
     job = environ.get("SLURM_JOB_ID")
     scontrol = shutil.which("scontrol")
     if job is None or scontrol is None:
@@ -413,6 +414,9 @@ def requeue_slurm_job(environ: Mapping[str, str]) -> bool:
     show = subprocess.run(
         [scontrol, "-o", "show", "job", job], capture_output=True, text=True, check=False
     )
+    if re.search(r"\bBatchFlag=0\b", show.stdout):
+        logger.info(f"Slurm job {job} is not a batch job: not requeued by the run.")
+        return False
     state = re.search(r"\bJobState=(\S+)", show.stdout)
     if state is None or state.group(1) != "RUNNING":
         logger.info(f"Slurm job {job} is {state and state.group(1)}: not requeued by the run.")
