@@ -123,6 +123,16 @@ def assert_trained_and_evaluated(out_dir, loss_names) -> None:
         assert 0 <= evaluations[-1][key] <= 100, (key, evaluations[-1])
 
 
+def final_weights(out_dir) -> dict:
+    """The model state dict of ``out_dir/model_final.pth`` (a training run's last checkpoint)."""
+    return torch.load(Path(out_dir) / "model_final.pth", weights_only=False)["model"]
+
+
+def differing_keys(a: dict, b: dict) -> list:
+    """The keys of state dict ``a`` whose tensors are not bit for bit those of ``b``."""
+    return [k for k in a if not torch.equal(a[k], b[k])]
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:

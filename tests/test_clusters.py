@@ -27,6 +27,8 @@ from helpers import (
     QUICK_YAML,
     REPO_ROOT,
     TINY_OPTS,
+    differing_keys,
+    final_weights,
     free_port,
 )
 
@@ -366,20 +368,12 @@ def _tool_env(synthetic_root, **extra):
     return dict(os.environ, OMP_NUM_THREADS="1", SALTNET_SYNTHETIC_ROOT=synthetic_root, **extra)
 
 
-def _final_weights(out_dir):
-    return torch.load(out_dir / "model_final.pth", weights_only=False)["model"]
-
-
-def _differing(a, b):
-    return [k for k in a if not torch.equal(a[k], b[k])]
-
-
 @pytest.fixture(scope="module")
 def spawned_run(two_process_train):
     """Final weights of the 2-process run of detectron2's launch (``--num-gpus 2``)."""
     out, proc = two_process_train
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return _final_weights(out)
+    return final_weights(out)
 
 
 @pytest.mark.slow
@@ -400,7 +394,7 @@ def test_torchrun_trains_one_model_as_the_spawned_launch_does(
     assert proc.returncode == 0, log[-4000:]
     assert "World size: 2" in log and "World size: 1" not in log
     assert "Evaluation results for bbox" in log
-    assert _differing(_final_weights(tmp_path), spawned_run) == []
+    assert differing_keys(final_weights(tmp_path), spawned_run) == []
 
 
 @pytest.mark.slow
@@ -426,7 +420,7 @@ def test_two_node_torchrun_with_c10d_trains_as_the_spawned_launch_does(
     logs = [node.communicate(timeout=600)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     assert "World size: 2" in "".join(logs)
-    assert _differing(_final_weights(tmp_path), spawned_run) == []
+    assert differing_keys(final_weights(tmp_path), spawned_run) == []
 
 
 @pytest.mark.slow
@@ -452,7 +446,7 @@ def test_simulated_slurm_allocation_trains_as_the_spawned_launch_does(
     logs = [task.communicate(timeout=600)[0] for task in tasks]
     assert [task.returncode for task in tasks] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     assert "World size: 2" in logs[0]
-    assert _differing(_final_weights(tmp_path), spawned_run) == []
+    assert differing_keys(final_weights(tmp_path), spawned_run) == []
 
 
 @pytest.mark.slow
@@ -542,7 +536,7 @@ def test_sigterm_checkpoints_the_current_iteration_and_resume_is_exact(
     assert f"Starting training from iteration {iteration + 1}" in proc.stdout + proc.stderr
     straight, train = quick_train
     assert train.returncode == 0, train.stderr[-3000:]
-    assert _differing(_final_weights(stopped), _final_weights(straight)) == []
+    assert differing_keys(final_weights(stopped), final_weights(straight)) == []
 
 
 class _Records(logging.Handler):

@@ -5,8 +5,14 @@ LazyConfig and its RetinaNet with SALT from YAML each train, resume exactly, eva
 import cv2
 import numpy as np
 import pytest
-import torch
-from helpers import LAZY_TINY_OVERRIDES, YAML_VAL_16, assert_trained_and_evaluated, copypaste_ap
+from helpers import (
+    LAZY_TINY_OVERRIDES,
+    YAML_VAL_16,
+    assert_trained_and_evaluated,
+    copypaste_ap,
+    differing_keys,
+    final_weights,
+)
 
 FCOS_PY = "configs/quick_schedule/fcos_salt_R_18_synthetic.py"
 RETINANET_YAML = "configs/quick_schedule/retinanet_salt_R_18_synthetic.yaml"
@@ -37,13 +43,12 @@ def _check_resume_and_demo(run_tool, synthetic_root, tmp_path, config, train_arg
     iteration 1 gives the same final weights; the demo draws pictures, with points different from
     without."""
     out = tmp_path / "train"
-    straight = torch.load(out / "model_final.pth", weights_only=False)["model"]
+    straight = final_weights(out)
     (out / "model_final.pth").unlink()
     (out / "last_checkpoint").write_text("model_0000001.pth")
     log = _ok(run_tool("train_net.py", "--config-file", config, "--resume", *train_args))
     assert "Starting training from iteration 2" in log
-    resumed = torch.load(out / "model_final.pth", weights_only=False)["model"]
-    assert [k for k in straight if not torch.equal(straight[k], resumed[k])] == []
+    assert differing_keys(straight, final_weights(out)) == []
 
     image = f"{synthetic_root}/val/000000.png"
     pictures = {}

@@ -15,7 +15,7 @@ import time
 
 import pytest
 import torch
-from helpers import DIST_OPTS, QUICK_YAML, REPO_ROOT
+from helpers import DIST_OPTS, QUICK_YAML, REPO_ROOT, differing_keys, final_weights
 from slurm_cluster import NODES, SlurmCluster, unavailable_reason
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="gloo on the CPU")
@@ -53,14 +53,6 @@ def _sbatch(slurm, out_dir, *args):
     return proc.stdout.strip(), log
 
 
-def _final_weights(out_dir):
-    return torch.load(out_dir / "model_final.pth", weights_only=False)["model"]
-
-
-def _differing(a, b):
-    return [k for k in a if not torch.equal(a[k], b[k])]
-
-
 def _wait_for(log, pattern, timeout=180, slurm=None, job=None):
     """Wait until ``log`` (a path, or a function returning the text) has a line matching
     ``pattern``; fail at ``timeout`` or once ``job`` (of ``slurm``) has ended without one."""
@@ -91,7 +83,7 @@ def _preempt(slurm, partition="high", node=NODES[0]):
 def spawned_run(two_process_train):
     out, proc = two_process_train
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return _final_weights(out)
+    return final_weights(out)
 
 
 def test_sbatch_on_two_nodes_trains_as_two_processes_on_one_machine(slurm, spawned_run, tmp_path):
@@ -104,7 +96,7 @@ def test_sbatch_on_two_nodes_trains_as_two_processes_on_one_machine(slurm, spawn
     assert fields["JobState"] == "COMPLETED", text[-4000:]
     assert fields["NodeList"] == "saltnet-n[1-2]"
     assert "World size: 2" in text and "World size: 1" not in text
-    assert _differing(_final_weights(tmp_path / "out"), spawned_run) == []
+    assert differing_keys(final_weights(tmp_path / "out"), spawned_run) == []
 
 
 # 12 iterations with a data-loader worker (which Slurm's signals reach too), no evaluation: the
@@ -134,7 +126,7 @@ def uninterrupted_weights(slurm, tmp_path_factory):
         if not weights:
             log = proc.communicate(timeout=300)[0]
             assert proc.returncode == 0, log[-3000:]
-            weights.update(_final_weights(out))
+            weights.update(final_weights(out))
         return weights
 
     yield get
@@ -165,7 +157,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(
     assert iteration < 11, text[-3000:]
     assert f"model_{iteration:07d}.pth" in os.listdir(tmp_path / "out")
     assert f"Starting training from iteration {iteration + 1}" in text
-    assert _differing(_final_weights(tmp_path / "out"), uninterrupted_weights()) == []
+    assert differing_keys(final_weights(tmp_path / "out"), uninterrupted_weights()) == []
 
 
 def _run_seconds(slurm, job):
@@ -358,7 +350,7 @@ def test_time_limit_warning_checkpoints_requeues_resumes_and_finishes(
     assert f"model_{iteration:07d}.pth" in os.listdir(out)
     assert f"Requeued Slurm job {job}" in text
     assert f"Starting training from iteration {iteration + 1}" in text
-    assert _differing(_final_weights(out), uninterrupted_weights()) == []
+    assert differing_keys(final_weights(out), uninterrupted_weights()) == []
 
 
 def test_torchrun_in_an_srun_step_stops_on_the_steps_signal_with_a_checkpoint(side_runs):
@@ -392,4 +384,4 @@ def test_submitit_job_resumes_after_a_slurm_requeue_and_after_preemption(
     for stopped in (first, second):
         assert f"Starting training from iteration {int(stopped.group(1)) + 1}" in logs
     assert "task 0: Exited with exit code 255" in logs, logs[-3000:]
-    assert _differing(_final_weights(out), uninterrupted_weights()) == []
+    assert differing_keys(final_weights(out), uninterrupted_weights()) == []
