@@ -17,7 +17,6 @@ classification (blue) sampling points of the SALT operator at the location each 
 
 import saltnet  # noqa: F401  # isort: skip (first: it filters known third-party warnings)
 import argparse
-import glob
 import os
 import time
 
@@ -28,7 +27,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.utils.logger import setup_logger
 
 from saltnet.config.load import load_config, register_datasets, test_datasets
-from saltnet.data.image_io import read_image
+from saltnet.data.image_io import input_image_paths, read_image
 from saltnet.export.predictor import Predictor
 from saltnet.utils.visualize import SALTVisualizationDemo
 
@@ -117,15 +116,6 @@ def output_path(args, input_path: str, extension: str = "") -> str:
     return args.output
 
 
-def expand_inputs(inputs):
-    """``--input`` as a list of files: a single argument may be a glob pattern."""
-    if len(inputs) == 1:
-        inputs = sorted(glob.glob(os.path.expanduser(inputs[0])))
-    if not inputs:
-        raise FileNotFoundError("The input path(s) was not found.")
-    return inputs
-
-
 def run_on_images(demo, args, logger):
     for path in tqdm.tqdm(args.input, disable=not args.output):
         img = read_image(path, format="BGR")
@@ -147,8 +137,6 @@ def run_on_video(demo, args):
     video = cv2.VideoCapture(0 if args.webcam else args.video_input)
     writer = None
     if args.output:
-        if args.webcam:
-            raise ValueError("--output is not supported with --webcam.")
         writer = cv2.VideoWriter(
             filename=output_path(args, args.video_input, ".mp4"),
             fourcc=cv2.VideoWriter_fourcc(*"mp4v"),
@@ -178,12 +166,6 @@ def main(args):
     setup_logger(name="fvcore")
     logger = setup_logger()
     logger.info("Arguments: " + str(args))
-    if args.input:
-        args.input = expand_inputs(args.input)
-    elif args.video_input and not os.path.isfile(args.video_input):
-        raise FileNotFoundError(f"Video {args.video_input!r} does not exist.")
-    elif not (args.webcam or args.video_input):
-        raise ValueError("Give --input, --video-input or --webcam.")
     cfg = setup_cfg(args)
     metadata = test_metadata(cfg)
     predictor = Predictor.from_config(cfg, output_point_sets=args.show_points)
@@ -196,5 +178,25 @@ def main(args):
         run_on_video(demo, args)
 
 
+def parse_args(argv=None):
+    """The command line, its inputs checked (usage errors, before a model is built):
+    ``args.input`` becomes the list of image files."""
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if args.input:
+        try:
+            args.input = input_image_paths(args.input)
+        except FileNotFoundError as e:
+            parser.error(str(e))
+    elif args.webcam:
+        if args.output:
+            parser.error("--output is not supported with --webcam.")
+    elif not args.video_input:
+        parser.error("give --input, --video-input or --webcam.")
+    elif not os.path.isfile(args.video_input):
+        parser.error(f"--video-input {args.video_input!r} does not exist.")
+    return args
+
+
 if __name__ == "__main__":
-    main(get_parser().parse_args())
+    main(parse_args())

@@ -12,7 +12,6 @@ point sets).
 
 import saltnet  # noqa: F401  # isort: skip (first: it filters known third-party warnings)
 import argparse
-import glob
 import os
 
 from detectron2.data import MetadataCatalog
@@ -20,7 +19,7 @@ from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 
 from saltnet.data import register_datasets_from_cfg
-from saltnet.data.image_io import read_image
+from saltnet.data.image_io import input_image_paths, read_image
 from saltnet.export.exporter import ExportedPredictor, load_export_config
 
 
@@ -42,18 +41,13 @@ def get_parser():
 
 def main(args):
     logger = setup_logger(name="saltnet")
-    inputs = args.input
-    if len(inputs) == 1:
-        inputs = sorted(glob.glob(os.path.expanduser(inputs[0])))
-    if not inputs:
-        raise FileNotFoundError(f"No input image matches {args.input}.")
     thresh = ["MODEL.SALTNET.SCORE_THRESH_TEST", str(args.confidence_threshold)]
     cfg = load_export_config(args.config_file, [*args.opts, *thresh])
     register_datasets_from_cfg(cfg)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused")
     predictor = ExportedPredictor(cfg, args.model)
     os.makedirs(args.output, exist_ok=True)
-    for path in inputs:
+    for path in args.input:
         image = read_image(path, format="BGR")
         instances = predictor(image)
         vis = Visualizer(image[:, :, ::-1], metadata).draw_instance_predictions(instances)
@@ -61,5 +55,17 @@ def main(args):
         logger.info(f"{path}: {len(instances)} detections")
 
 
+def parse_args(argv=None):
+    """The command line; ``args.input`` becomes the list of image files (a usage error if there
+    is none, before a model is loaded)."""
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.input = input_image_paths(args.input)
+    except FileNotFoundError as e:
+        parser.error(str(e))
+    return args
+
+
 if __name__ == "__main__":
-    main(get_parser().parse_args())
+    main(parse_args())

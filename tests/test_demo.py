@@ -8,7 +8,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig
 from detectron2.modeling import build_model
-from helpers import QUICK_YAML, YAML_VAL_16
+from helpers import QUICK_YAML, YAML_VAL_16, load_script
 
 from saltnet.config.defaults import load_yaml_config
 from saltnet.export.predictor import Predictor
@@ -157,10 +157,33 @@ def test_demo_on_a_video(quick_train, run_tool, synthetic_root, tmp_path):
     assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
 
 
-def test_demo_rejects_missing_inputs(run_tool, tmp_path):
-    proc = run_tool("demo/demo.py", "--config-file", QUICK_YAML, "--input", tmp_path / "*.png")
-    assert proc.returncode != 0
-    assert "not found" in proc.stderr
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--input", "{tmp}/*.png"], "--input '{tmp}/*.png' matches no file."),
+        (["--input", "{tmp}/a.png", "{tmp}/b.png"], "no such file: '{tmp}/a.png', '{tmp}/b.png'"),
+        (["--video-input", "{tmp}/clip.mp4"], "--video-input '{tmp}/clip.mp4' does not exist."),
+        ([], "give --input, --video-input or --webcam."),
+        (["--webcam", "--output", "{tmp}/out"], "--output is not supported with --webcam."),
+    ],
+)
+def test_demo_rejects_bad_inputs_with_a_usage_error(tmp_path, capsys, args, message):
+    # argparse's usage error (exit code 2, the problem named), before a model is built.
+    demo = load_script("demo/demo.py")
+    with pytest.raises(SystemExit) as exit_info:
+        demo.parse_args(["--config-file", QUICK_YAML, *(a.format(tmp=tmp_path) for a in args)])
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("usage: ") and message.format(tmp=tmp_path) in stderr
+
+
+def test_onnx_demo_rejects_an_input_pattern_that_matches_nothing(run_tool, tmp_path):
+    # The whole script, as a user runs it: a usage error, no traceback, nothing loaded.
+    args = ["--model", tmp_path / "model.onnx", "--output", tmp_path / "vis"]
+    proc = run_tool("demo/onnx_demo.py", "--config-file", QUICK_YAML, *args, "--input", "x*.png")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "--input 'x*.png' matches no file." in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "vis").exists()
 
 
 @pytest.mark.slow

@@ -10,7 +10,13 @@ import pytest
 from detectron2.data.detection_utils import read_image as d2_read_image
 from PIL import Image
 
-from saltnet.data.image_io import ImageNotFoundError, ImageReadError, _to_8bit, read_image
+from saltnet.data.image_io import (
+    ImageNotFoundError,
+    ImageReadError,
+    _to_8bit,
+    input_image_paths,
+    read_image,
+)
 
 
 def _rgb_array(h: int = 24, w: int = 32) -> np.ndarray:
@@ -207,3 +213,20 @@ def test_unsupported_format_raises_naming_file(tmp_path):
     Image.fromarray(_rgb_array()).save(path)
     with pytest.raises(ImageReadError, match="rgb.png"):
         read_image(path, "NOT-A-MODE")
+
+
+def test_input_image_paths_globs_one_argument_and_checks_several(tmp_path, monkeypatch):
+    for name in ("b.png", "a.png", "c.jpg"):
+        (tmp_path / name).write_bytes(b"")
+    assert input_image_paths([str(tmp_path / "*.png")]) == [
+        str(tmp_path / "a.png"),
+        str(tmp_path / "b.png"),
+    ]
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert input_image_paths(["~/c.jpg"]) == [str(tmp_path / "c.jpg")]
+    given = [str(tmp_path / "c.jpg"), str(tmp_path / "a.png")]
+    assert input_image_paths(given) == given  # several: as given, in their order
+    with pytest.raises(FileNotFoundError, match=r"--input '.*\*\.gif' matches no file\."):
+        input_image_paths([str(tmp_path / "*.gif")])
+    with pytest.raises(FileNotFoundError, match=r"no such file: '.*d\.png'\.$"):
+        input_image_paths([str(tmp_path / "a.png"), str(tmp_path / "d.png")])

@@ -23,14 +23,16 @@ Files are opened through detectron2's ``PathManager``, so remote / custom paths 
 """
 
 import errno
-from typing import Optional
+import glob
+import os
+from typing import List, Optional, Sequence
 
 import numpy as np
 from detectron2.data.detection_utils import _apply_exif_orientation, convert_PIL_to_numpy
 from detectron2.utils.file_io import PathManager
 from PIL import Image
 
-__all__ = ["ImageReadError", "ImageNotFoundError", "read_image"]
+__all__ = ["ImageReadError", "ImageNotFoundError", "input_image_paths", "read_image"]
 
 
 class ImageReadError(OSError):
@@ -124,3 +126,22 @@ def read_image(file_name: str, format: Optional[str] = "BGR") -> np.ndarray:
             file_name, f"cannot convert mode {image.mode!r} to {format!r} ({_describe(e)})"
         ) from e
     return np.ascontiguousarray(array)
+
+
+def input_image_paths(inputs: Sequence[str]) -> List[str]:
+    """The image files of a demo's ``--input``, as detectron2's demo reads it: a single argument
+    is a glob pattern (``~`` expanded; its matches sorted), several are the files themselves.
+
+    Raises:
+        FileNotFoundError: the pattern matches no file, or given files do not exist; the message
+            names them (the demos turn it into a usage error before they build a model).
+    """
+    if len(inputs) == 1:
+        paths = sorted(glob.glob(os.path.expanduser(inputs[0])))
+        if not paths:
+            raise FileNotFoundError(f"--input {inputs[0]!r} matches no file.")
+        return paths
+    missing = [path for path in inputs if not os.path.isfile(path)]
+    if missing:
+        raise FileNotFoundError(f"--input: no such file: {', '.join(map(repr, missing))}.")
+    return list(inputs)
