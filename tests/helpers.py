@@ -1,5 +1,6 @@
 """Constants and plain helpers the test files share (fixtures live in conftest.py)."""
 
+import importlib.util
 import json
 import math
 import re
@@ -151,3 +152,13 @@ def two_image_batch():
         image = torch.randint(0, 255, (3, 64, 64), generator=generator, dtype=torch.uint8)
         inputs.append({"image": image, "instances": instances})
     return inputs
+
+
+def load_script(relative_path: str):
+    """The module of one of the repository's scripts (``train_net.py``, ``tools/*.py``,
+    ``demo/*.py``), imported from its file without running its ``__main__`` block."""
+    path = REPO_ROOT / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,13 +1,12 @@
 """The speed benchmark's CPU smoke run: it runs end to end and prints its table (no timing
 asserts: speed is measured on the GPU and reported in docs/BENCHMARKS.md); its chart."""
 
-import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, load_script
 from PIL import Image
 
 
@@ -43,9 +42,7 @@ def test_benchmark_smoke_run(tmp_path):
 
 
 def test_chart_has_one_bar_per_measured_throughput(tmp_path):
-    spec = importlib.util.spec_from_file_location("benchmark", REPO_ROOT / "tools" / "benchmark.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_script("tools/benchmark.py")
     stored = tmp_path / "bench.json"
     results = {
         "SALT-Net R50-FPN": {

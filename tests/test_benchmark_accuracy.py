@@ -1,21 +1,15 @@
 """tools/benchmark_accuracy.py: the summary table, and an end-to-end smoke run of two variants."""
 
-import importlib.util
 import json
 import shutil
 
 import pytest
-from helpers import LAZY_VAL_16, REPO_ROOT, YAML_VAL_16
+from helpers import LAZY_VAL_16, YAML_VAL_16, load_script
 from PIL import Image
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "benchmark_accuracy", REPO_ROOT / "tools/benchmark_accuracy.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/benchmark_accuracy.py")
 
 
 def test_summary_is_mean_and_sample_std_over_seeds():

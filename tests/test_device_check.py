@@ -3,7 +3,6 @@ tiny steps, their statuses, the report files; a failing and a hanging command fa
 the order of the steps, the time budget, the report of a step that timed out, the targets from
 the lines a timeout leaves; check.sh without OUT."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,15 +10,12 @@ import sys
 
 import pytest
 import torch
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, load_script
 
 
 @pytest.fixture(scope="module")
 def check():
-    spec = importlib.util.spec_from_file_location("check", REPO_ROOT / "tools/device/check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/device/check.py")
 
 
 def test_tiny_check_reports_every_step(check, tmp_path, monkeypatch):

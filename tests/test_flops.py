@@ -5,13 +5,12 @@ of tools/benchmark.py (--flops, --profile)."""
 
 import argparse
 import functools
-import importlib.util
 
 import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import build_model
-from helpers import QUICK_YAML, REPO_ROOT
+from helpers import QUICK_YAML, REPO_ROOT, load_script
 
 from saltnet.config import load_yaml_config
 from saltnet.layers import DeformConv, ModulatedDeformConv, available_backends
@@ -84,10 +83,7 @@ def test_deform_conv_flops_formula():
 
 
 def _benchmark_tool():
-    spec = importlib.util.spec_from_file_location("benchmark", REPO_ROOT / "tools" / "benchmark.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+    return load_script("tools/benchmark.py")
 
 
 def test_benchmark_tool_counts_the_deformable_share():

@@ -1,13 +1,20 @@
 """train_net.py end to end on the CPU: training, --eval-only, --resume, LazyConfig, bad input."""
 
-import importlib.util
 import math
 import re
 import shutil
 
 import pytest
 from detectron2.engine import default_argument_parser
-from helpers import LAZY_VAL_16, QUICK_PY, QUICK_YAML, REPO_ROOT, copypaste_ap, metrics_records
+from helpers import (
+    LAZY_VAL_16,
+    QUICK_PY,
+    QUICK_YAML,
+    REPO_ROOT,
+    copypaste_ap,
+    load_script,
+    metrics_records,
+)
 
 
 def _metrics(out_dir):
@@ -16,10 +23,7 @@ def _metrics(out_dir):
 
 
 def _train_net():
-    spec = importlib.util.spec_from_file_location("train_net", REPO_ROOT / "train_net.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train_net.py")
 
 
 @pytest.mark.slow
