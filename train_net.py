@@ -20,15 +20,15 @@ Datasets besides detectron2's builtin ones are registered from the config: ``DAT
 """
 
 import saltnet  # noqa: F401  # isort: skip (first: it filters known third-party warnings)
-import os
-
 from detectron2.engine import default_argument_parser
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 from saltnet.checkpoint import AtomicCheckpointer
+from saltnet.config import ConfigError
 from saltnet.config.load import is_lazy, load_config, output_dir, register_datasets, weights
 from saltnet.engine import SALTNetTrainer, launch_from_args
+from saltnet.engine.preflight import check_before_launch
 from saltnet.engine.setup import setup
 
 
@@ -53,8 +53,10 @@ def main(args):
 def invoke_main() -> None:
     parser = default_argument_parser()
     args = parser.parse_args()
-    if not os.path.isfile(args.config_file):
-        parser.error(f"config file {args.config_file!r} does not exist (see --config-file).")
+    try:  # a usage error here rather than a traceback from every worker
+        check_before_launch(args)
+    except (ConfigError, FileNotFoundError) as e:
+        parser.error(str(e))
     print("Command Line Args:", args)
     launch_from_args(main, args)
 

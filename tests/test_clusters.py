@@ -674,6 +674,25 @@ def test_submit_slurm_local_starts_one_task_that_spawns_the_workers(tmp_path, mo
     assert submitted["args"].num_gpus == 2 and submitted["args"].num_machines == 1
 
 
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        (["MODEL.WEIGHTS", "{tmp}/x.pth"], "Checkpoint '{tmp}/x.pth' (MODEL.WEIGHTS) does not"),
+        (["SOLVER.MAX_ITERS", "5"], "Unknown config key 'SOLVER.MAX_ITERS'"),
+    ],
+)
+def test_submit_slurm_refuses_what_would_fail_in_the_job(tmp_path, capsys, opts, message):
+    # A usage error at submission, not a failed job after its wait in the queue.
+    pytest.importorskip("submitit")
+    argv = ["--cluster", "local", "--job-dir", str(tmp_path / "jobs")]
+    argv += ["--config-file", str(REPO_ROOT / QUICK_YAML), *(o.format(tmp=tmp_path) for o in opts)]
+    with pytest.raises(SystemExit) as exit_info:
+        _import_submit_slurm().main(argv)
+    assert exit_info.value.code == 2
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
+    assert not (tmp_path / "jobs").exists()
+
+
 @pytest.mark.slow
 def test_submitit_local_job_requeues_after_preemption_and_resumes(
     synthetic_root, tmp_path, monkeypatch

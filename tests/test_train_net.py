@@ -3,6 +3,7 @@
 import math
 import re
 import shutil
+import sys
 
 import pytest
 from detectron2.engine import default_argument_parser
@@ -15,6 +16,8 @@ from helpers import (
     load_script,
     metrics_records,
 )
+
+from saltnet.engine.preflight import check_before_launch
 
 
 def _metrics(out_dir):
@@ -119,11 +122,50 @@ def test_lazy_config_trains_and_evaluates(lazy_quick_train, run_tool, tmp_path):
     assert copypaste_ap(proc.stdout) == ap
 
 
-def test_missing_config_file_is_a_clear_error(run_tool, tmp_path):
-    missing = tmp_path / "no_such_config.yaml"
-    proc = run_tool("train_net.py", "--config-file", missing)
-    assert proc.returncode != 0
-    assert f"config file '{missing}' does not exist" in proc.stderr
+@pytest.mark.parametrize(
+    "config, opts, message",
+    [
+        ("{tmp}/nothing.yaml", [], "Config file '{tmp}/nothing.yaml' does not exist."),
+        (QUICK_YAML, ["SOLVER.MAX_ITERS", "5"], "Unknown config key 'SOLVER.MAX_ITERS'"),
+        (QUICK_PY, ["train.max_iters=5"], "Unknown config key 'train.max_iters'"),
+        (
+            QUICK_YAML,
+            ["--eval-only", "MODEL.WEIGHTS", "{tmp}/model.pth"],
+            "Checkpoint '{tmp}/model.pth' (MODEL.WEIGHTS) does not exist.",
+        ),
+    ],
+)
+def test_command_line_mistakes_are_usage_errors(tmp_path, capsys, config, opts, message):
+    # Before any worker starts: argparse's exit code 2 and the problem named.
+    argv = ["train_net.py", "--config-file", config.format(tmp=tmp_path)]
+    argv += [o.format(tmp=tmp_path) for o in opts]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", argv)
+        with pytest.raises(SystemExit) as exit_info:
+            _train_net().invoke_main()
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("usage: train_net.py") and message.format(tmp=tmp_path) in stderr
+
+
+def test_missing_weights_pass_the_check_when_resume_finds_a_checkpoint(tmp_path):
+    # --resume loads the output folder's last checkpoint, not MODEL.WEIGHTS.
+    argv = ["--config-file", str(REPO_ROOT / QUICK_YAML), "--resume", "OUTPUT_DIR", str(tmp_path)]
+    args = default_argument_parser().parse_args([*argv, "MODEL.WEIGHTS", str(tmp_path / "x.pth")])
+    with pytest.raises(FileNotFoundError, match="x.pth"):
+        check_before_launch(args)
+    (tmp_path / "model_0000009.pth").write_bytes(b"")
+    (tmp_path / "last_checkpoint").write_text("model_0000009.pth")
+    check_before_launch(args)
+    args.resume = False
+    with pytest.raises(FileNotFoundError, match="x.pth"):
+        check_before_launch(args)
+
+
+def test_the_whole_script_prints_no_traceback_for_a_missing_config(run_tool, tmp_path):
+    proc = run_tool("train_net.py", "--config-file", tmp_path / "no_such_config.yaml")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_unknown_config_key_names_the_key(tmp_path):

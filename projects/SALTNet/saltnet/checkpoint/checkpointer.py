@@ -25,7 +25,12 @@ from detectron2.checkpoint import DetectionCheckpointer
 
 from .convert_mmdet import RELEASE_CHECKPOINT_AUTHOR
 
-__all__ = ["AtomicCheckpointer", "CheckpointMismatchError", "LossNormalizerState"]
+__all__ = [
+    "AtomicCheckpointer",
+    "CheckpointMismatchError",
+    "LossNormalizerState",
+    "check_weights_file",
+]
 
 
 class CheckpointMismatchError(ValueError):
@@ -104,6 +109,13 @@ class LossNormalizerState:
             setattr(self.model, name, value)
 
 
+def check_weights_file(path: str) -> None:
+    """FileNotFoundError naming ``path`` if it is a local file that does not exist. No weights
+    (``""``), URLs and detectron2's ``scheme://`` paths pass: their loaders resolve them."""
+    if path and "://" not in path and "?" not in path and not os.path.isfile(path):
+        raise FileNotFoundError(f"Checkpoint {path!r} (MODEL.WEIGHTS) does not exist.")
+
+
 class AtomicCheckpointer(DetectionCheckpointer):
     """Same interface and file layout as :class:`DetectionCheckpointer`; atomic writes; raises
     :class:`CheckpointMismatchError` when no tensor of a loaded checkpoint fits the model; saves
@@ -114,8 +126,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         self.checkpointables.setdefault("loss_normalizers", LossNormalizerState(self.model))
 
     def load(self, path: str, *args, **kwargs):
-        if path and "://" not in path and "?" not in path and not os.path.isfile(path):
-            raise FileNotFoundError(f"Checkpoint {path!r} (MODEL.WEIGHTS) does not exist.")
+        check_weights_file(path)
         try:
             return super().load(path, *args, **kwargs)
         except CheckpointMismatchError as e:
