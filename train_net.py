@@ -54,7 +54,7 @@ def invoke_main() -> None:
     parser = default_argument_parser()
     args = parser.parse_args()
     try:  # a usage error here rather than a traceback from every worker
-        check_before_launch(args)
+        check_before_launch(args.config_file, args.opts, args.resume)
     except (ConfigError, FileNotFoundError) as e:
         parser.error(str(e))
     print("Command Line Args:", args)

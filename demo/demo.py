@@ -26,8 +26,10 @@ import tqdm
 from detectron2.data import MetadataCatalog
 from detectron2.utils.logger import setup_logger
 
+from saltnet.config import ConfigError
 from saltnet.config.load import load_config, register_datasets, test_datasets
 from saltnet.data.image_io import input_image_paths, read_image
+from saltnet.engine.preflight import check_before_launch
 from saltnet.export.predictor import Predictor
 from saltnet.utils.visualize import SALTVisualizationDemo
 
@@ -179,8 +181,9 @@ def main(args):
 
 
 def parse_args(argv=None):
-    """The command line, its inputs checked (usage errors, before a model is built):
-    ``args.input`` becomes the list of image files."""
+    """The command line, checked (usage errors, before a model is built): the inputs exist
+    (``args.input`` becomes the list of image files), the config loads with ``--opts`` and its
+    weights exist."""
     parser = get_parser()
     args = parser.parse_args(argv)
     if args.input:
@@ -195,6 +198,10 @@ def parse_args(argv=None):
         parser.error("give --input, --video-input or --webcam.")
     elif not os.path.isfile(args.video_input):
         parser.error(f"--video-input {args.video_input!r} does not exist.")
+    try:
+        check_before_launch(args.config_file, args.opts)
+    except (ConfigError, FileNotFoundError) as e:
+        parser.error(str(e))
     return args
 
 

@@ -150,16 +150,14 @@ def test_command_line_mistakes_are_usage_errors(tmp_path, capsys, config, opts, 
 
 def test_missing_weights_pass_the_check_when_resume_finds_a_checkpoint(tmp_path):
     # --resume loads the output folder's last checkpoint, not MODEL.WEIGHTS.
-    argv = ["--config-file", str(REPO_ROOT / QUICK_YAML), "--resume", "OUTPUT_DIR", str(tmp_path)]
-    args = default_argument_parser().parse_args([*argv, "MODEL.WEIGHTS", str(tmp_path / "x.pth")])
+    opts = ["OUTPUT_DIR", str(tmp_path), "MODEL.WEIGHTS", str(tmp_path / "x.pth")]
     with pytest.raises(FileNotFoundError, match="x.pth"):
-        check_before_launch(args)
+        check_before_launch(str(REPO_ROOT / QUICK_YAML), opts, resume=True)
     (tmp_path / "model_0000009.pth").write_bytes(b"")
     (tmp_path / "last_checkpoint").write_text("model_0000009.pth")
-    check_before_launch(args)
-    args.resume = False
+    check_before_launch(str(REPO_ROOT / QUICK_YAML), opts, resume=True)
     with pytest.raises(FileNotFoundError, match="x.pth"):
-        check_before_launch(args)
+        check_before_launch(str(REPO_ROOT / QUICK_YAML), opts, resume=False)
 
 
 def test_the_whole_script_prints_no_traceback_for_a_missing_config(run_tool, tmp_path):

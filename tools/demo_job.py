@@ -25,9 +25,11 @@ import numpy as np
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from saltnet.config import ConfigError
 from saltnet.config.load import load_config, register_datasets
 from saltnet.data.image_io import read_image
 from saltnet.engine import SALTNetTrainer
+from saltnet.engine.preflight import check_before_launch
 from saltnet.engine.setup import setup
 from saltnet.export import Predictor
 from saltnet.utils.visualize import draw_predictions_and_gt
@@ -112,4 +114,10 @@ def main(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_parser().parse_args()))
+    parser = get_parser()
+    args = parser.parse_args()
+    try:  # a misspelt override: a usage error before the dataset and the training
+        check_before_launch(args.config_file, args.opts)
+    except (ConfigError, FileNotFoundError) as e:
+        parser.error(str(e))
+    sys.exit(main(args))

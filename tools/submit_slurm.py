@@ -79,7 +79,7 @@ def main(argv=None):
     if submitit is None:
         parser.error("submitit is not installed: pip install submitit (or -e .[cluster]).")
     try:  # before the job waits in the queue
-        check_before_launch(args)
+        check_before_launch(args.config_file, args.opts, args.resume)
     except (ConfigError, FileNotFoundError) as e:
         parser.error(str(e))
     args.config_file = os.path.abspath(args.config_file)
