@@ -133,6 +133,11 @@ def test_lazy_config_trains_and_evaluates(lazy_quick_train, run_tool, tmp_path):
             ["--eval-only", "MODEL.WEIGHTS", "{tmp}/model.pth"],
             "Checkpoint '{tmp}/model.pth' (MODEL.WEIGHTS) does not exist.",
         ),
+        (
+            QUICK_PY,
+            ["--eval-only", "train.init_checkpoint={tmp}/model.pth"],
+            "Checkpoint '{tmp}/model.pth' (train.init_checkpoint) does not exist.",
+        ),
     ],
 )
 def test_command_line_mistakes_are_usage_errors(tmp_path, capsys, config, opts, message):

@@ -109,11 +109,12 @@ class LossNormalizerState:
             setattr(self.model, name, value)
 
 
-def check_weights_file(path: str) -> None:
-    """FileNotFoundError naming ``path`` if it is a local file that does not exist. No weights
-    (``""``), URLs and detectron2's ``scheme://`` paths pass: their loaders resolve them."""
+def check_weights_file(path: str, key: str = "MODEL.WEIGHTS") -> None:
+    """FileNotFoundError naming ``path`` (the config's ``key``) if it is a local file that does
+    not exist. No weights (``""``), URLs and detectron2's ``scheme://`` paths pass: their loaders
+    resolve them."""
     if path and "://" not in path and "?" not in path and not os.path.isfile(path):
-        raise FileNotFoundError(f"Checkpoint {path!r} (MODEL.WEIGHTS) does not exist.")
+        raise FileNotFoundError(f"Checkpoint {path!r} ({key}) does not exist.")
 
 
 class AtomicCheckpointer(DetectionCheckpointer):

@@ -9,7 +9,7 @@ from fvcore.common.checkpoint import Checkpointer
 from torch import nn
 
 from ..checkpoint.checkpointer import check_weights_file
-from ..config.load import load_config, output_dir, weights
+from ..config.load import is_lazy, load_config, output_dir, weights
 
 __all__ = ["check_before_launch"]
 
@@ -26,4 +26,4 @@ def check_before_launch(config_file: str, opts: Sequence[str] = (), resume: bool
     cfg = load_config(os.path.abspath(config_file), opts)
     if resume and Checkpointer(nn.Module(), output_dir(cfg)).has_checkpoint():
         return
-    check_weights_file(weights(cfg))
+    check_weights_file(weights(cfg), "train.init_checkpoint" if is_lazy(cfg) else "MODEL.WEIGHTS")
