@@ -43,6 +43,20 @@ def test_tiny_check_reports_every_step(check, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
+    "cuda, tiny, slack",
+    [(None, False, 1), (None, True, 3), (True, True, 1), (False, False, 3)],
+    ids=["unknown", "unknown-tiny", "cuda", "cpu"],
+)
+def test_step_timeout_is_stretched_on_the_cpu_and_in_a_tiny_rehearsal(
+    check, tmp_path, cuda, tiny, slack
+):
+    # The first step runs before CUDA is known: a --tiny rehearsal on a busy CPU gets the slack.
+    ctx = check.Context(out=tmp_path, work=tmp_path, cuda=cuda, tiny=tiny, log=tmp_path / "l")
+    result = check.run_step(ctx, "step", lambda ctx, result, timeout: None, 20)
+    assert result.timeout_s == 20 * slack and result.status == "pass"
+
+
+@pytest.mark.parametrize(
     "code, timeout, status",
     [
         ("raise SystemExit(3)", 30, "fail: -c: exit status 3"),

@@ -359,9 +359,9 @@ CPU_SLACK = 3
 
 
 def run_step(ctx: Context, name: str, fn: Callable, timeout: int) -> Result:
-    """Runs one step within its timeout (times CPU_SLACK without CUDA) and what is left of
-    the budget."""
-    slack = CPU_SLACK if ctx.cuda is False else 1
+    """Runs one step within its timeout (times CPU_SLACK without CUDA, and for the first step,
+    before CUDA is known, in a ``--tiny`` rehearsal) and what is left of the budget."""
+    slack = 1 if ctx.cuda or (ctx.cuda is None and not ctx.tiny) else CPU_SLACK
     left = ctx.deadline - time.perf_counter()
     timeout = min(timeout * slack, left)
     result = Result(name=name, timeout_s=round(timeout))
