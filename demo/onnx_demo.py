@@ -18,6 +18,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 
+from saltnet.config import ConfigError
 from saltnet.data import register_datasets_from_cfg
 from saltnet.data.image_io import input_image_paths, read_image
 from saltnet.export.exporter import ExportedPredictor, load_export_config
@@ -56,13 +57,17 @@ def main(args):
 
 
 def parse_args(argv=None):
-    """The command line; ``args.input`` becomes the list of image files (a usage error if there
-    is none, before a model is loaded)."""
+    """The command line, checked (usage errors, before a model is loaded): the model file and
+    the inputs exist (``args.input`` becomes the list of image files), the config loads with its
+    options."""
     parser = get_parser()
     args = parser.parse_args(argv)
+    if not os.path.isfile(args.model):
+        parser.error(f"--model {args.model!r} does not exist.")
     try:
         args.input = input_image_paths(args.input)
-    except FileNotFoundError as e:
+        load_export_config(args.config_file, args.opts)
+    except (ConfigError, FileNotFoundError) as e:
         parser.error(str(e))
     return args
 
