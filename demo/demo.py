@@ -26,7 +26,6 @@ import tqdm
 from detectron2.data import MetadataCatalog
 from detectron2.utils.logger import setup_logger
 
-from saltnet.config import ConfigError
 from saltnet.config.load import load_config, register_datasets, test_datasets
 from saltnet.data.image_io import input_image_paths, read_image
 from saltnet.engine.preflight import check_before_launch
@@ -199,8 +198,8 @@ def parse_args(argv=None):
     elif not os.path.isfile(args.video_input):
         parser.error(f"--video-input {args.video_input!r} does not exist.")
     try:
-        check_before_launch(args.config_file, args.opts)
-    except (ConfigError, FileNotFoundError) as e:
+        check_before_launch(args.config_file, args.opts, datasets=True)
+    except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
         parser.error(str(e))
     return args
 

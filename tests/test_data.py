@@ -270,8 +270,9 @@ def test_command_line_registration_of_a_missing_file_fails_clearly(run_tool, tmp
         "OUTPUT_DIR",
         tmp_path / "out",
     )
-    assert proc.returncode != 0
-    assert f"FileNotFoundError: COCO annotation file '{missing}' does not exist" in proc.stderr
+    assert proc.returncode == 2, proc.stderr[-3000:]  # a usage error, before any worker
+    assert f"error: COCO annotation file '{missing}' does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 # A fresh process that imports neither train_net.py nor saltnet's registration helpers, as

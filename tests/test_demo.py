@@ -167,6 +167,7 @@ def test_demo_on_a_video(quick_train, run_tool, synthetic_root, tmp_path):
         (["--webcam", "--output", "{tmp}/out"], "--output is not supported with --webcam."),
         (["--webcam", "--opts", "MODEL.WEIGHTS", "{tmp}/w.pth"], "Checkpoint '{tmp}/w.pth'"),
         (["--webcam", "--opts", "MODEL.NO_SUCH_KEY", "1"], "Unknown config key 'MODEL.NO_SUCH"),
+        (["--webcam", "--opts", "DATASETS.TEST", "('nothing',)"], "'nothing' is not registered"),
     ],
 )
 def test_demo_rejects_bad_inputs_with_a_usage_error(tmp_path, capsys, args, message):

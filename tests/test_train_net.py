@@ -128,6 +128,12 @@ def test_lazy_config_trains_and_evaluates(lazy_quick_train, run_tool, tmp_path):
         ("{tmp}/nothing.yaml", [], "Config file '{tmp}/nothing.yaml' does not exist."),
         (QUICK_YAML, ["SOLVER.MAX_ITERS", "5"], "Unknown config key 'SOLVER.MAX_ITERS'"),
         (QUICK_PY, ["train.max_iters=5"], "Unknown config key 'train.max_iters'"),
+        (QUICK_YAML, ["DATASETS.TRAIN", "('nothing',)"], "Dataset 'nothing' is not registered."),
+        (
+            QUICK_YAML,
+            ["DATASETS.REGISTER", "('mine=coco:{tmp}/a.json:{tmp}',)"],
+            "COCO annotation file '{tmp}/a.json' does not exist.",
+        ),
         (
             QUICK_YAML,
             ["--eval-only", "MODEL.WEIGHTS", "{tmp}/model.pth"],
