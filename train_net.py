@@ -27,7 +27,7 @@ from detectron2.utils import comm
 from saltnet.checkpoint import AtomicCheckpointer
 from saltnet.config.load import is_lazy, load_config, output_dir, register_datasets, weights
 from saltnet.engine import SALTNetTrainer, launch_from_args
-from saltnet.engine.preflight import check_before_launch
+from saltnet.engine.preflight import check_command_line
 from saltnet.engine.setup import setup
 
 
@@ -52,10 +52,8 @@ def main(args):
 def invoke_main() -> None:
     parser = default_argument_parser()
     args = parser.parse_args()
-    try:  # a usage error here rather than a traceback from every worker
-        check_before_launch(args.config_file, args.opts, args.resume, datasets=True)
-    except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
-        parser.error(str(e))
+    # A usage error here rather than a traceback from every worker.
+    check_command_line(parser, args.config_file, args.opts, args.resume, datasets=True)
     print("Command Line Args:", args)
     launch_from_args(main, args)
 

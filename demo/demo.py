@@ -28,7 +28,7 @@ from detectron2.utils.logger import setup_logger
 
 from saltnet.config.load import load_config, register_datasets, test_datasets
 from saltnet.data.image_io import input_image_paths, read_image
-from saltnet.engine.preflight import check_before_launch
+from saltnet.engine.preflight import check_command_line
 from saltnet.export.predictor import Predictor
 from saltnet.utils.visualize import SALTVisualizationDemo
 
@@ -197,10 +197,7 @@ def parse_args(argv=None):
         parser.error("give --input, --video-input or --webcam.")
     elif not os.path.isfile(args.video_input):
         parser.error(f"--video-input {args.video_input!r} does not exist.")
-    try:
-        check_before_launch(args.config_file, args.opts, datasets=True)
-    except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
-        parser.error(str(e))
+    check_command_line(parser, args.config_file, args.opts, datasets=True)
     return args
 
 

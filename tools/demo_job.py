@@ -25,11 +25,10 @@ import numpy as np
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from saltnet.config import ConfigError
 from saltnet.config.load import load_config, register_datasets
 from saltnet.data.image_io import read_image
 from saltnet.engine import SALTNetTrainer
-from saltnet.engine.preflight import check_before_launch
+from saltnet.engine.preflight import check_command_line
 from saltnet.engine.setup import setup
 from saltnet.export import Predictor
 from saltnet.utils.visualize import draw_predictions_and_gt
@@ -116,8 +115,6 @@ def main(args) -> int:
 if __name__ == "__main__":
     parser = get_parser()
     args = parser.parse_args()
-    try:  # a misspelt override: a usage error before the dataset and the training
-        check_before_launch(args.config_file, args.opts)
-    except (ConfigError, FileNotFoundError) as e:
-        parser.error(str(e))
+    # A misspelt override: a usage error before the dataset and the training.
+    check_command_line(parser, args.config_file, args.opts)
     sys.exit(main(args))

@@ -24,9 +24,8 @@ sys.path.insert(0, REPO_ROOT)  # for train_net
 
 from detectron2.engine import default_argument_parser  # noqa: E402
 
-from saltnet.config import ConfigError  # noqa: E402
 from saltnet.engine.launch import launch_from_args  # noqa: E402
-from saltnet.engine.preflight import check_before_launch  # noqa: E402
+from saltnet.engine.preflight import check_command_line  # noqa: E402
 
 try:
     import submitit
@@ -78,10 +77,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if submitit is None:
         parser.error("submitit is not installed: pip install submitit (or -e .[cluster]).")
-    try:  # before the job waits in the queue
-        check_before_launch(args.config_file, args.opts, args.resume)
-    except (ConfigError, FileNotFoundError) as e:
-        parser.error(str(e))
+    check_command_line(parser, args.config_file, args.opts, args.resume)  # before the queue
     args.config_file = os.path.abspath(args.config_file)
     # One task per GPU (one on the CPU); launch_from_args checks them against srun's variables.
     args.num_gpus, args.num_machines = max(1, args.gpus_per_node), args.nodes

@@ -11,7 +11,7 @@ from torch import nn
 from ..checkpoint.checkpointer import check_weights_file
 from ..config.load import is_lazy, load_config, output_dir, register_datasets, weights
 
-__all__ = ["check_before_launch"]
+__all__ = ["check_before_launch", "check_command_line"]
 
 
 def check_before_launch(
@@ -35,3 +35,14 @@ def check_before_launch(
     if resume and Checkpointer(nn.Module(), output_dir(cfg)).has_checkpoint():
         return
     check_weights_file(weights(cfg), "train.init_checkpoint" if is_lazy(cfg) else "MODEL.WEIGHTS")
+
+
+def check_command_line(
+    parser, config_file: str, opts: Sequence[str] = (), resume: bool = False, datasets: bool = False
+) -> None:
+    """:func:`check_before_launch`, a failure reported as ``parser``'s usage error (argparse's
+    ``parser.error``: the message, exit code 2)."""
+    try:
+        check_before_launch(config_file, opts, resume, datasets)
+    except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
+        parser.error(str(e))
