@@ -7,6 +7,7 @@ import re
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
@@ -162,3 +163,14 @@ def load_script(relative_path: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def usage_error(capsys, function, *args) -> str:
+    """The standard error of ``function(*args)``, which must end in argparse's usage error (the
+    usage first, exit code 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        function(*args)
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("usage: "), stderr
+    return stderr

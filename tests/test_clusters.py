@@ -30,6 +30,7 @@ from helpers import (
     differing_keys,
     final_weights,
     free_port,
+    usage_error,
 )
 
 from saltnet.checkpoint.checkpointer import AtomicCheckpointer
@@ -686,10 +687,7 @@ def test_submit_slurm_refuses_what_would_fail_in_the_job(tmp_path, capsys, opts,
     pytest.importorskip("submitit")
     argv = ["--cluster", "local", "--job-dir", str(tmp_path / "jobs")]
     argv += ["--config-file", str(REPO_ROOT / QUICK_YAML), *(o.format(tmp=tmp_path) for o in opts)]
-    with pytest.raises(SystemExit) as exit_info:
-        _import_submit_slurm().main(argv)
-    assert exit_info.value.code == 2
-    assert message.format(tmp=tmp_path) in capsys.readouterr().err
+    assert message.format(tmp=tmp_path) in usage_error(capsys, _import_submit_slurm().main, argv)
     assert not (tmp_path / "jobs").exists()
 
 

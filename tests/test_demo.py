@@ -8,7 +8,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig
 from detectron2.modeling import build_model
-from helpers import QUICK_YAML, YAML_VAL_16, load_script
+from helpers import QUICK_YAML, YAML_VAL_16, load_script, usage_error
 
 from saltnet.config.defaults import load_yaml_config
 from saltnet.export.predictor import Predictor
@@ -173,11 +173,8 @@ def test_demo_on_a_video(quick_train, run_tool, synthetic_root, tmp_path):
 def test_demo_rejects_bad_inputs_with_a_usage_error(tmp_path, capsys, args, message):
     # argparse's usage error (exit code 2, the problem named), before a model is built.
     demo = load_script("demo/demo.py")
-    with pytest.raises(SystemExit) as exit_info:
-        demo.parse_args(["--config-file", QUICK_YAML, *(a.format(tmp=tmp_path) for a in args)])
-    assert exit_info.value.code == 2
-    stderr = capsys.readouterr().err
-    assert stderr.startswith("usage: ") and message.format(tmp=tmp_path) in stderr
+    argv = ["--config-file", QUICK_YAML, *(a.format(tmp=tmp_path) for a in args)]
+    assert message.format(tmp=tmp_path) in usage_error(capsys, demo.parse_args, argv)
 
 
 @pytest.mark.parametrize(
@@ -195,11 +192,8 @@ def test_onnx_demo_rejects_bad_inputs_with_a_usage_error(
     (tmp_path / "model.onnx").write_bytes(b"")
     argv = ["--config-file", QUICK_YAML, "--model", model.format(tmp=tmp_path), "--input", *inputs]
     argv += ["--output", str(tmp_path / "vis"), *trailing]  # KEY VALUE options come last
-    with pytest.raises(SystemExit) as exit_info:
-        load_script("demo/onnx_demo.py").parse_args(argv)
-    assert exit_info.value.code == 2
-    stderr = capsys.readouterr().err
-    assert stderr.startswith("usage: ") and message.format(tmp=tmp_path) in stderr
+    stderr = usage_error(capsys, load_script("demo/onnx_demo.py").parse_args, argv)
+    assert message.format(tmp=tmp_path) in stderr
     assert not (tmp_path / "vis").exists()
 
 

@@ -15,6 +15,7 @@ from helpers import (
     copypaste_ap,
     load_script,
     metrics_records,
+    usage_error,
 )
 
 from saltnet.engine.preflight import check_before_launch
@@ -152,10 +153,7 @@ def test_command_line_mistakes_are_usage_errors(tmp_path, capsys, config, opts, 
     argv += [o.format(tmp=tmp_path) for o in opts]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sys, "argv", argv)
-        with pytest.raises(SystemExit) as exit_info:
-            _train_net().invoke_main()
-    assert exit_info.value.code == 2
-    stderr = capsys.readouterr().err
+        stderr = usage_error(capsys, _train_net().invoke_main)
     assert stderr.startswith("usage: train_net.py") and message.format(tmp=tmp_path) in stderr
 
 
